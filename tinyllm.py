@@ -1,0 +1,999 @@
+"""tinyllm: train a character-level transformer language model, in one readable file.
+
+The module reads top to bottom in the order data flows: errors and registries, tokenizers,
+the configuration, data, the model, sampling, training, then metrics and checkpoints.
+Copy this file into your project or `from tinyllm import TransformerModel`.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import typing
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from tqdm import tqdm
+
+__all__ = [
+    "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer", "CharacterTokenizer",
+    "load_tokenizer", "TrainingConfig", "prepare_text", "load_text", "download_file",
+    "split_train_val", "TokenWindows", "TransformerModel", "generate", "sample_text",
+    "evaluate_full", "Trainer", "MetricsLogger", "Checkpoint", "save_checkpoint",
+    "load_checkpoint", "atomic_write",
+]
+
+PathLike = Union[str, os.PathLike]
+logger = logging.getLogger("tinyllm")
+
+# ----------------------------------------------------------------------------------------------
+# Errors and registries
+
+
+class TinyLLMError(ValueError):
+    """A user mistake: the message says what was wrong and how to fix it."""
+
+
+class Registry:
+    """A named table of classes or entries, so a new one is added with one decorator or call."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: Dict[str, Any] = {}
+
+    def register(self, name: str, entry: Any = None) -> Any:
+        """Register `entry` under `name`; without `entry`, return a decorator that does."""
+        if entry is not None:
+            self._entries[name] = entry
+            return entry
+
+        def decorator(obj: Any) -> Any:
+            self._entries[name] = obj
+            return obj
+        return decorator
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._entries:
+            raise TinyLLMError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def names(self) -> List[str]:
+        return sorted(self._entries)
+
+
+TOKENIZERS = Registry("tokenizer")
+MODEL_SIZES = Registry("model size")
+# Each size is a dict of model fields; TrainingConfig fills the fields a user left unset.
+MODEL_SIZES.register("tiny", {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0})
+MODEL_SIZES.register("small", {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0})
+MODEL_SIZES.register("medium", {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2})
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[typing.IO]:
+    """Write to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A reader (or a crash) never sees half a file, and the old file survives any failure.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _read_json(path: PathLike, what: str) -> dict:
+    """Read a JSON object from `path`, turning every way that can fail into a TinyLLMError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise TinyLLMError(f"{what} file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyLLMError(f"{what} file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TinyLLMError(f"{what} file {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer:
+    """Base class: subclasses implement fit/encode/decode and `state` / `set_state` for JSON."""
+
+    type_name = ""
+    version = 1
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def save_state(self, path: PathLike) -> None:
+        """Save the tokenizer as a language-neutral JSON file."""
+        with atomic_write(path, "w") as f:
+            json.dump({"type": self.type_name, "version": self.version, **self.state()}, f,
+                      ensure_ascii=False)
+
+    def load_state(self, path: PathLike) -> "Tokenizer":
+        """Fill this tokenizer from a JSON file written by `save_state`; returns self."""
+        state = _read_json(path, "tokenizer")
+        if state.get("type") != self.type_name or state.get("version") != self.version:
+            raise TinyLLMError(f"tokenizer file {path} holds type {state.get('type')!r} version "
+                               f"{state.get('version')!r}, expected {self.type_name!r} "
+                               f"version {self.version}")
+        try:
+            self.set_state(state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TinyLLMError(f"tokenizer file {path} is malformed ({e})") from None
+        return self
+
+
+@TOKENIZERS.register("char")
+class CharacterTokenizer(Tokenizer):
+    """One token per character; the vocabulary is the sorted set of characters seen in `fit`."""
+
+    type_name = "char"
+
+    def __init__(self, chars: Sequence[str] = ()):
+        self.set_state({"chars": list(chars)})
+
+    def fit(self, text: str) -> "CharacterTokenizer":
+        self.set_state({"chars": sorted(set(text))})
+        return self
+
+    def state(self) -> dict:
+        return {"chars": list(self.chars)}
+
+    def set_state(self, state: dict) -> None:
+        chars = state["chars"]
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+            raise ValueError("'chars' must be a list of distinct single characters")
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> List[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError:
+            unknown = "".join(sorted(set(text) - self.index.keys()))
+            raise TinyLLMError(f"characters not in the tokenizer's vocabulary: {unknown!r}; "
+                               "fit the tokenizer on text that contains them") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+def load_tokenizer(path: PathLike) -> Tokenizer:
+    """Build the registered tokenizer named by the JSON file's `type` and load its state."""
+    kind = _read_json(path, "tokenizer").get("type")
+    if not isinstance(kind, str):
+        raise TinyLLMError(f"tokenizer file {path} has no string 'type' field")
+    return TOKENIZERS[kind]().load_state(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout")
+
+
+@dataclass
+class TrainingConfig:
+    """Every setting of a training run; model fields left as None come from `model_size`."""
+
+    # The training loop.
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    max_context: int = 128
+    val_frequency: int = 250
+    sample_frequency: int = 1000
+    temperature: float = 0.8
+    metrics_csv_enabled: bool = True
+    # The model.
+    model_size: str = "small"
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    dropout: Optional[float] = None
+    # The data.
+    lowercase: bool = True
+    normalize_whitespace: bool = True
+    val_fraction: float = 0.1
+    # The run.
+    tokenizer: str = "char"
+    seed: int = 1337
+    weight_decay: float = 0.1
+    grad_clip: Optional[float] = 1.0
+    warmup_steps: int = 100
+    early_stopping_patience: Optional[int] = None
+    val_batches: int = 10
+    max_steps: Optional[int] = None
+    time_budget: Optional[float] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    out_dir: str = "out"
+    sample_prompt: str = ""
+    sample_length: int = 300
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name, value in MODEL_SIZES[self.model_size].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self._check_values()
+
+    def _check_types(self) -> None:
+        for field, hint in typing.get_type_hints(type(self)).items():
+            value = getattr(self, field)
+            optional = type(None) in typing.get_args(hint)
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            if value is None and optional:
+                continue
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, field, value)
+            if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+                raise TinyLLMError(f"config field {field!r} must be {base.__name__}"
+                                   f"{' or null' if optional else ''}, got {value!r}")
+
+    def _check_values(self) -> None:
+        positive = ["epochs", "batch_size", "learning_rate", "max_context", "val_frequency",
+                    "sample_frequency", "temperature", "n_layer", "n_head", "n_embd",
+                    "val_batches", "sample_length", "max_steps", "time_budget", "grad_clip",
+                    "early_stopping_patience"]
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise TinyLLMError(f"config field {name!r} must be positive, got {value!r}")
+        for name in ("weight_decay", "warmup_steps"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise TinyLLMError(f"config field {name!r} must be zero or more, got {getattr(self, name)!r}")
+        if not 0 <= self.dropout < 1:
+            raise TinyLLMError(f"config field 'dropout' must be in [0, 1), got {self.dropout!r}")
+        if not 0 < self.val_fraction <= 0.5:
+            raise TinyLLMError(f"config field 'val_fraction' must be in (0, 0.5], got {self.val_fraction!r}")
+        if self.n_embd % self.n_head:
+            raise TinyLLMError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.device.split(":")[0] not in DEVICES:
+            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+        TOKENIZERS[self.tokenizer]  # raises TinyLLMError listing the known names
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainingConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TinyLLMError(f"{source} has unknown key(s) {', '.join(unknown)}; "
+                               f"valid keys are listed in TrainingConfig")
+        return cls(**data)
+
+    def to_json(self, path: PathLike) -> None:
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path: PathLike, **overrides: Any) -> "TrainingConfig":
+        """Load a config file; `overrides` replace its fields (model fields it omits come from the size)."""
+        return cls.from_dict({**_read_json(path, "config"), **overrides}, source=f"config file {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare_text(text: str, lowercase: bool = True, normalize_whitespace: bool = True) -> str:
+    """Lowercase and tidy whitespace while keeping the line structure (both steps optional)."""
+    if lowercase:
+        text = text.lower()
+    if normalize_whitespace:
+        text = re.sub(r"\r\n?", "\n", text).replace("\t", " ")
+        text = re.sub(r" {2,}", " ", text)
+        text = re.sub(r" +(?=\n|\Z)", "", text)  # trailing spaces on each line
+        text = re.sub(r"\n{3,}", "\n\n", text)
+    return text
+
+
+def load_text(path: PathLike) -> str:
+    """Read a UTF-8 text file, with a clear error for everything that is not one."""
+    path = Path(path)
+    if path.is_dir():
+        raise TinyLLMError(f"data path {path} is a directory; pass a UTF-8 text file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TinyLLMError(f"data file {path} does not exist; pass --data with a UTF-8 text file") from None
+    except OSError as e:
+        raise TinyLLMError(f"cannot read data file {path}: {e.strerror}") from None
+    if not raw.strip():
+        raise TinyLLMError(f"data file {path} is empty; it needs some text to learn from")
+    if b"\x00" in raw:
+        raise TinyLLMError(f"data file {path} looks binary (it contains NUL bytes); pass a text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TinyLLMError(f"data file {path} is not UTF-8 (bad byte at offset {e.start}); "
+                           "convert it, e.g. with iconv -t utf-8") from None
+
+
+def download_file(url: str, path: PathLike, sha256: str, timeout: float = 30.0) -> Path:
+    """Download `url` to `path` with a progress bar, verify its sha256, and write it atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_write(path) as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}",
+                      disable=not sys.stderr.isatty()) as bar:
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if digest.hexdigest() != sha256:
+                raise TinyLLMError(f"download from {url} has sha256 {digest.hexdigest()}, expected "
+                                   f"{sha256}; download it by hand and save it as {path}")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TinyLLMError(f"could not download {url} ({reason}); if you are offline, fetch that "
+                           f"file elsewhere and save it as {path}") from None
+    return path
+
+
+def split_train_val(ids: torch.Tensor, val_fraction: float, context: int) -> tuple:
+    """The validation split is the LAST `val_fraction` of the text, so results compare with other tools."""
+    n_val = int(len(ids) * val_fraction)
+    train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    if len(val) < context + 1 or len(train) < context + 1:
+        raise TinyLLMError(f"text too short: {len(ids)} tokens leave {len(train)} for training and "
+                           f"{len(val)} for validation, but each needs at least max_context + 1 = "
+                           f"{context + 1}; use more text or a smaller --max-context")
+    return train, val
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping context windows over one token tensor: item i is (x, y) = (ids[s:s+T], ids[s+1:s+T+1]).
+
+    `offset` shifts every window, so a fresh random offset each epoch shows the model new cuts.
+    An item may be a list of indices: the batch is then cut in one gather, with no Python loop.
+    """
+
+    def __init__(self, ids: torch.Tensor, context: int, offset: int = 0):
+        self.ids, self.context, self.offset = ids, context, offset
+        self.arange = torch.arange(context + 1, device=ids.device)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.ids) - 1 - self.offset) // self.context)
+
+    def __getitem__(self, index: Union[int, Sequence[int]]) -> tuple:
+        starts = self.offset + torch.as_tensor(index, device=self.ids.device) * self.context
+        chunk = self.ids[starts.unsqueeze(-1) + self.arange]
+        return chunk[..., :-1], chunk[..., 1:]
+
+
+def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """One epoch: every window once, in random order, after a fresh random offset in [0, context)."""
+    offset = int(torch.randint(min(context, len(ids) - context), (1,), generator=generator))
+    windows = TokenWindows(ids, context, offset)
+    batches = BatchSampler(RandomSampler(windows, generator=generator), batch_size, drop_last=False)
+    return DataLoader(windows, sampler=batches, batch_size=None)
+
+
+def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: int, seed: int) -> list:
+    """`n_batches` random batches chosen once, so successive validation losses are comparable."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(ids) - context, (n_batches, batch_size), generator=generator)
+    windows = ids[starts.to(ids.device).unsqueeze(-1) + torch.arange(context + 1, device=ids.device)]
+    return [(w[:, :-1], w[:, 1:]) for w in windows]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: a decoder-only transformer with pre-norm blocks, as in GPT-2 and nanoGPT.
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only itself and earlier positions."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.proj_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        # PyTorch's fused kernel does the masking, softmax and dropout in one pass.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, n_embd: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: normalising before each sublayer keeps deep stacks stable."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.ffn = FeedForward(n_embd, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class TransformerModel(nn.Module):
+    """Token and position embeddings, `n_layer` blocks, a final norm and a projection to logits."""
+
+    def __init__(self, vocab_size: int, max_context: int, n_layer: int, n_head: int,
+                 n_embd: int, dropout: float = 0.0):
+        super().__init__()
+        self.hparams = dict(vocab_size=vocab_size, max_context=max_context, n_layer=n_layer,
+                            n_head=n_head, n_embd=n_embd, dropout=dropout)
+        self.max_context = max_context
+        self.token_embedding = nn.Embedding(vocab_size, n_embd)
+        self.position_embedding = nn.Embedding(max_context, n_embd)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.final_norm = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # Each block adds two residual branches; shrinking their output projections keeps the
+        # residual stream's variance from growing with depth (GPT-2).
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_config(cls, config: TrainingConfig, vocab_size: int) -> "TransformerModel":
+        return cls(vocab_size, config.max_context, **{f: getattr(config, f) for f in MODEL_FIELDS})
+
+    @classmethod
+    def from_checkpoint(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "TransformerModel":
+        return load_checkpoint(path, device).model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> tuple:
+        """Return (logits of shape (B, T, vocab), mean cross-entropy loss or None)."""
+        T = idx.shape[1]
+        if T > self.max_context:
+            raise TinyLLMError(f"input has {T} tokens but the model's max_context is {self.max_context}; "
+                               "crop it to the last max_context tokens")
+        positions = torch.arange(T, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.final_norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+@torch.no_grad()
+def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Append `max_new_tokens` sampled tokens to `idx` (B, T), sliding the window past max_context."""
+    if not temperature > 0:
+        raise TinyLLMError(f"temperature must be positive, got {temperature!r}")
+    if top_k is not None and top_k <= 0:
+        raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.max_context:])
+        logits = logits[:, -1, :].float() / temperature
+        if top_k is not None:
+            kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, next_id], dim=1)
+    model.train(was_training)
+    return idx
+
+
+def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, length: int,
+                temperature: float = 1.0, top_k: Optional[int] = None, lowercase: bool = True,
+                normalize_whitespace: bool = True, seed: Optional[int] = None) -> str:
+    """Continue `prompt` by `length` tokens; the prompt gets the same preprocessing as the training text.
+
+    An empty prompt starts from token 0 (the newline, for a character vocabulary that has one).
+    """
+    prompt = prepare_text(prompt, lowercase, normalize_whitespace)
+    prompt_ids = tokenizer.encode(prompt) or [0]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out = generate(model, idx, length, temperature, top_k, generator)[0].tolist()
+    return prompt + tokenizer.decode(out[len(prompt_ids):])
+
+
+@torch.no_grad()
+def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
+                  autocast: Callable = contextlib.nullcontext) -> float:
+    """Mean loss per token over ALL of `ids`, cut into non-overlapping windows of max_context."""
+    was_training = model.training
+    model.eval()
+    context, device = model.max_context, next(model.parameters()).device
+    n_windows = (len(ids) - 1) // context
+    windows = TokenWindows(ids, context)
+    total, count = torch.zeros((), device=device), 0
+    for start in range(0, n_windows, batch_size):
+        x, y = windows[list(range(start, min(start + batch_size, n_windows)))]
+        with autocast():
+            total += model(x.to(device), y.to(device))[1] * y.numel()
+        count += y.numel()
+    tail = ids[n_windows * context:].to(device)  # the last, shorter window
+    if len(tail) > 1:
+        with autocast():
+            total += model(tail[None, :-1], tail[None, 1:])[1] * (len(tail) - 1)
+        count += len(tail) - 1
+    model.train(was_training)
+    return total.item() / count
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TinyLLMError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TinyLLMError("--device mps was asked for but this machine has no MPS; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple:
+    """Pick the autocast dtype and say why: bf16 only where the hardware runs it fast."""
+    if name != "auto":
+        return DTYPES[name], "asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "this CUDA GPU supports bfloat16"
+        return torch.float16, "this CUDA GPU lacks bfloat16; float16 with a gradient scaler"
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        for probe, what in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+            if getattr(cpu, probe, lambda: False)():
+                return torch.bfloat16, f"this CPU has {what}"
+        return torch.float32, "this CPU has no AMX or AVX512-BF16, so bfloat16 would be slower"
+    return torch.float32, f"the safe choice on {device.type}"
+
+
+class TqdmLoggingHandler(logging.Handler):
+    """Console log lines that do not tear through the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns one training run: data, model, optimizer, the loop, validation, samples and files.
+
+    `Trainer(config, text).train()` returns the summary dict that is also written as summary.json.
+    """
+
+    RUN_FILES = ("best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log",
+                 "metrics.csv", "samples.txt", "summary.json")
+
+    def __init__(self, config: TrainingConfig, text: str, *, progress: Optional[bool] = None,
+                 quiet: bool = False, overwrite: bool = False):
+        self.config, self.quiet = config, quiet
+        self.progress = (sys.stdout.isatty() and not quiet) if progress is None else progress
+        self.out_dir = Path(config.out_dir)
+        self._prepare_out_dir(overwrite)
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
+        self.text = prepare_text(text, config.lowercase, config.normalize_whitespace)
+        self.tokenizer = TOKENIZERS[config.tokenizer]().fit(self.text)
+        ids = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long)
+        train_ids, val_ids = split_train_val(ids, config.val_fraction, config.max_context)
+        self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
+        self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
+                                         config.val_batches, config.seed)
+        self.tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase,
+                                           config.normalize_whitespace))  # fail now, not mid-run
+        self.model = TransformerModel.from_config(config, self.tokenizer.vocab_size).to(self.device)
+        self.optimizer = self._make_optimizer()
+        scaler_cls = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
+        self.scaler = scaler_cls(enabled=self.dtype == torch.float16)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.steps_per_epoch = math.ceil(len(TokenWindows(train_ids, config.max_context)) / config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.step, self.epoch, self.tokens_seen = 0, 0, 0
+        self.best_val_loss, self.last_val_loss, self.bad_validations = math.inf, math.nan, 0
+        self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if config.metrics_csv_enabled else None
+
+    def _prepare_out_dir(self, overwrite: bool) -> None:
+        """Refuse to clobber an earlier run unless asked; then open the log."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            existing = [f for f in ("best.pt", "last.pt", "summary.json") if (self.out_dir / f).exists()]
+            if existing and not overwrite:
+                raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); "
+                                   "choose another --out-dir or pass --overwrite")
+            for name in self.RUN_FILES if overwrite else ():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.out_dir / name).unlink()
+            file_handler = logging.FileHandler(self.out_dir / "tinyllm_training.log", encoding="utf-8")
+        except OSError as e:
+            raise TinyLLMError(f"cannot write to output directory {self.out_dir}: {e.strerror}") from None
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        console = TqdmLoggingHandler(logging.WARNING if self.quiet else logging.INFO)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        self.log_handlers = [file_handler, console]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay only on matrices, since decaying gains and biases hurts."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def learning_rate(self, elapsed: float) -> float:
+        """Linear warmup, then cosine decay to a tenth, driven by steps or by the time budget spent."""
+        config = self.config
+        warmup = min(config.warmup_steps, self.total_steps // 5)
+        if self.step < warmup:
+            return config.learning_rate * (self.step + 1) / warmup
+        progress = (self.step - warmup) / max(1, self.total_steps - warmup)
+        if config.time_budget is not None:
+            progress = max(progress, elapsed / config.time_budget)
+        progress = min(1.0, progress)
+        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """One optimizer step; the loss stays a tensor so the step never waits on the device."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            _, loss = self.model(x, y)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            losses = [self.model(x, y)[1] for x, y in self.val_batches]
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    def train(self) -> dict:
+        """Run the whole training loop and write every output file; return the summary."""
+        for handler in self.log_handlers:
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            self._log_start()
+            stopped_because = self._loop()
+            return self._finish(stopped_because)
+        finally:
+            if self.metrics:
+                self.metrics.close()
+            for handler in self.log_handlers:
+                logger.removeHandler(handler)
+                handler.close()
+
+    def _log_start(self) -> None:
+        c = self.config
+        self.config.to_json(self.out_dir / "config.json")
+        self.tokenizer.save_state(self.out_dir / "tokenizer.json")
+        logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
+                    len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
+        logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters",
+                    c.model_size, c.n_layer, c.n_head, c.n_embd, c.max_context,
+                    f"{self.model.num_parameters():,}")
+        logger.info("device %s, dtype %s (%s); batch %d, %d steps per epoch, at most %d steps%s",
+                    self.device, str(self.dtype).replace("torch.", ""), self.dtype_reason,
+                    c.batch_size, self.steps_per_epoch, self.total_steps,
+                    f", time budget {c.time_budget:g} s" if c.time_budget else "")
+
+    def _loop(self) -> str:
+        """Train until epochs, max_steps, the time budget or early stopping ends it; validate last."""
+        self.start_time = time.perf_counter()
+        self.window = (self.start_time, 0)  # the time and tokens_seen that throughput is measured from
+        self.eval_seconds, self.last_val_step = 0.0, -1
+        self.running_loss, self.running_steps = torch.zeros((), device=self.device), 0
+        self.bar = tqdm(total=self.total_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
+        with self.bar:
+            stopped_because = self._run_epochs()
+            if self.last_val_step != self.step:
+                self._validate()
+        return stopped_because
+
+    def _run_epochs(self) -> str:
+        config = self.config
+        for self.epoch in range(config.epochs):
+            for x, y in epoch_loader(self.train_ids, config.max_context, config.batch_size, self.generator):
+                self.lr = self.learning_rate(time.perf_counter() - self.start_time)
+                self.running_loss += self.train_step(x, y, self.lr)
+                self.running_steps += 1
+                self.step += 1
+                self.tokens_seen += y.numel()
+                self.bar.update()
+                if self.step % config.val_frequency == 0:
+                    self._validate()
+                if self.step % config.sample_frequency == 0:
+                    self._sample()
+                stop = self._stop_reason()
+                if stop:
+                    return stop
+        return "epochs"
+
+    def _stop_reason(self) -> Optional[str]:
+        config = self.config
+        if config.max_steps is not None and self.step >= config.max_steps:
+            return "max_steps"
+        if config.time_budget is not None and time.perf_counter() - self.start_time >= config.time_budget:
+            return "time_budget"
+        patience = config.early_stopping_patience
+        if patience is not None and self.bad_validations >= patience:
+            return "early_stopping"
+        return None
+
+    def _validate(self) -> None:
+        """Validate, log a metrics row, save best.pt on improvement; stop on a NaN loss."""
+        now = time.perf_counter()
+        window_time, window_tokens = self.window
+        train_loss = self.running_loss.item() / max(1, self.running_steps)
+        if not math.isfinite(train_loss):
+            raise TinyLLMError(f"training loss became {train_loss} at step {self.step}; lower the "
+                               "--learning-rate or set grad_clip (best.pt was left as it was)")
+        tokens_per_second = (self.tokens_seen - window_tokens) / max(now - window_time, 1e-9)
+        self.last_val_loss, self.last_val_step = self.evaluate(), self.step
+        if self.last_val_loss < self.best_val_loss:
+            self.best_val_loss, self.bad_validations = self.last_val_loss, 0
+            self._save("best.pt")
+        else:
+            self.bad_validations += 1
+        elapsed = time.perf_counter() - self.start_time
+        epoch = self.epoch + self._epoch_fraction()
+        logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f, lr %.2e, %.0f tokens/s",
+                    self.step, epoch, train_loss, self.last_val_loss, self.lr, tokens_per_second)
+        if self.metrics:
+            self.metrics.log(step=self.step, epoch=round(epoch, 4), train_loss=round(train_loss, 5),
+                             val_loss=round(self.last_val_loss, 5), learning_rate=self.lr,
+                             tokens_per_second=round(tokens_per_second, 1), elapsed_seconds=round(elapsed, 3))
+        self.bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{self.last_val_loss:.3f}",
+                             tok_s=f"{tokens_per_second:.0f}")
+        self.running_loss, self.running_steps = torch.zeros((), device=self.device), 0
+        self._exclude_from_throughput(now)
+
+    def _exclude_from_throughput(self, since: float) -> None:
+        """Validation and sampling are not training: restart the throughput window after them."""
+        self.eval_seconds += time.perf_counter() - since
+        self.window = (time.perf_counter(), self.tokens_seen)
+
+    def _epoch_fraction(self) -> float:
+        return (self.step - self.epoch * self.steps_per_epoch) / self.steps_per_epoch
+
+    def _sample(self, label: str = "") -> str:
+        c = self.config
+        started = time.perf_counter()
+        text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length, c.temperature,
+                           lowercase=c.lowercase, normalize_whitespace=c.normalize_whitespace)
+        label = label or f"step {self.step}"
+        logger.info("sample at %s:\n%s", label, text)
+        with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== {label} ===\n{text}\n\n")
+        self._exclude_from_throughput(started)
+        return text
+
+    def _save(self, name: str) -> None:
+        save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.config, self.tokenizer,
+                        step=self.step, epoch=self.epoch, best_val_loss=self.best_val_loss)
+
+    def _finish(self, stopped_because: str) -> dict:
+        """Write last.pt, score the best model on the whole validation split, sample, summarise."""
+        train_seconds = time.perf_counter() - self.start_time - self.eval_seconds
+        self._save("last.pt")
+        best = load_checkpoint(self.out_dir / "best.pt", self.device).model
+        self.model.load_state_dict(best.state_dict())
+        full_val_loss = evaluate_full(self.model, self.val_ids, self.config.batch_size, self.autocast)
+        sample = self._sample(f"the end, from the best model (step {self.step})")
+        summary = {
+            "best_val_loss": self.best_val_loss, "final_val_loss": self.last_val_loss,
+            "full_val_loss": full_val_loss, "steps": self.step,
+            "epochs_completed": self.epoch + (1 if stopped_because == "epochs" else 0),
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_second": round(self.tokens_seen / max(train_seconds, 1e-9), 1),
+            "elapsed_seconds": round(time.perf_counter() - self.start_time, 3),
+            "parameters": self.model.num_parameters(), "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""), "stopped_because": stopped_because,
+            "sample": sample,
+        }
+        with atomic_write(self.out_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        logger.info("stopped after %d steps (%s); best val loss %.4f, full val loss %.4f, %.0f tokens/s",
+                    self.step, stopped_because, self.best_val_loss, full_val_loss, summary["tokens_per_second"])
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and checkpoints
+
+
+class MetricsLogger:
+    """Append one CSV row per call and flush it, so a crash never loses a logged row."""
+
+    COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_second",
+               "elapsed_seconds")
+
+    def __init__(self, path: PathLike, columns: Sequence[str] = COLUMNS):
+        self.path, self.columns = Path(path), tuple(columns)
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        self.file = open(self.path, "a", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
+        if new_file:
+            self.writer.writeheader()
+            self.file.flush()
+
+    def log(self, **row: Any) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise TinyLLMError(f"metrics row has unknown column(s) {sorted(unknown)}; known: {self.columns}")
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns: the rebuilt model and tokenizer and the training state."""
+
+    model: TransformerModel
+    tokenizer: Tokenizer
+    config: TrainingConfig
+    optimizer_state: Optional[dict]
+    step: int
+    epoch: int
+    best_val_loss: float
+
+
+def save_checkpoint(path: PathLike, model: TransformerModel, optimizer: Optional[torch.optim.Optimizer],
+                    config: TrainingConfig, tokenizer: Tokenizer, step: int = 0, epoch: int = 0,
+                    best_val_loss: float = math.inf) -> None:
+    """Save weights, optimizer, config, tokenizer and progress as tensors and plain Python data."""
+    state = {
+        "format": "tinyllm-checkpoint", "version": 1, "model_args": dict(model.hparams),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+        "config": config.to_dict(), "tokenizer": {"type": tokenizer.type_name, **tokenizer.state()},
+        "step": step, "epoch": epoch, "best_val_loss": float(best_val_loss),
+    }
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
+    """Load a checkpoint safely (weights_only: no pickled code runs) and rebuild model and tokenizer."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") from None
+    except Exception as e:  # torch raises many types for truncated, corrupt or unsafe files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TinyLLMError(f"checkpoint {path} cannot be loaded safely ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != "tinyllm-checkpoint":
+        raise TinyLLMError(f"{path} is not a tinyllm checkpoint")
+    try:
+        config = TrainingConfig.from_dict(state["config"], source=f"checkpoint {path}")
+        tokenizer = TOKENIZERS[state["tokenizer"]["type"]]()
+        tokenizer.set_state(state["tokenizer"])
+        model = TransformerModel(**state["model_args"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise TinyLLMError(f"checkpoint {path} is inconsistent ({str(e).splitlines()[0][:200]})") from None
+    if tokenizer.vocab_size != model.hparams["vocab_size"]:
+        raise TinyLLMError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens, "
+                           f"model expects {model.hparams['vocab_size']}")
+    return Checkpoint(model.to(device), tokenizer, config, state["optimizer"], state["step"],
+                      state["epoch"], state["best_val_loss"])

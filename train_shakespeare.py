@@ -1,0 +1,118 @@
+"""Train a character-level transformer on Tiny Shakespeare (or any UTF-8 text), or sample from one.
+
+    python train_shakespeare.py                        # download the text if needed, train, sample
+    python train_shakespeare.py --generate --prompt "ROMEO:"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import tinyllm
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "shakespeare.txt"
+
+# Command-line flags that map one to one onto TrainingConfig fields.
+CONFIG_FLAGS = {
+    "size": "model_size", "tokenizer": "tokenizer", "epochs": "epochs", "max_steps": "max_steps",
+    "time_budget": "time_budget", "batch_size": "batch_size", "learning_rate": "learning_rate",
+    "max_context": "max_context", "val_frequency": "val_frequency",
+    "sample_frequency": "sample_frequency", "temperature": "temperature",
+    "metrics_csv": "metrics_csv_enabled", "lowercase": "lowercase",
+    "normalize_whitespace": "normalize_whitespace", "seed": "seed", "device": "device",
+    "dtype": "dtype", "out_dir": "out_dir",
+}
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (exit code 2) instead of a usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="UTF-8 text file (default: Tiny Shakespeare, downloaded)")
+    p.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: out)")
+    p.add_argument("--config", type=Path, help="JSON file of TrainingConfig fields")
+    p.add_argument("--size", help=f"model size: {', '.join(tinyllm.MODEL_SIZES.names())}")
+    p.add_argument("--tokenizer", help=f"tokenizer: {', '.join(tinyllm.TOKENIZERS.names())}")
+    for flag, kind in [("epochs", int), ("max-steps", int), ("time-budget", float), ("batch-size", int),
+                       ("learning-rate", float), ("max-context", int), ("val-frequency", int),
+                       ("sample-frequency", int), ("temperature", float), ("seed", int)]:
+        p.add_argument(f"--{flag}", type=kind)
+    for flag in ("metrics-csv", "lowercase", "normalize-whitespace"):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", choices=tinyllm.DEVICES)
+    p.add_argument("--dtype", choices=list(tinyllm.DTYPES))
+    p.add_argument("--quiet", action="store_true", help="no progress bar; console shows warnings only")
+    p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out-dir")
+    g = p.add_argument_group("generation")
+    g.add_argument("--generate", action="store_true", help="sample from a trained model instead of training")
+    g.add_argument("--checkpoint", type=Path, help="checkpoint to sample from (default: <out-dir>/best.pt)")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--num-chars", type=int, default=500, help="how many tokens to generate")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> tinyllm.TrainingConfig:
+    """Defaults, overridden by the fields in --config, overridden by each flag given."""
+    flags = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
+    if args.config:
+        return tinyllm.TrainingConfig.from_json(args.config, **flags)
+    return tinyllm.TrainingConfig.from_dict(flags)
+
+
+def shakespeare_text(path: Path) -> str:
+    """The default data: use the local copy, or download and verify it once."""
+    if not path.exists():
+        print(f"downloading Tiny Shakespeare to {path} ...", file=sys.stderr)
+        tinyllm.download_file(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+    return tinyllm.load_text(path)
+
+
+def generate(args: argparse.Namespace) -> None:
+    path = args.checkpoint or Path(args.out_dir or "out") / "best.pt"
+    if not path.exists():
+        raise tinyllm.TinyLLMError(f"no checkpoint at {path}; train first or pass --checkpoint PATH")
+    if args.num_chars <= 0:
+        raise tinyllm.TinyLLMError(f"--num-chars must be positive, got {args.num_chars}")
+    checkpoint = tinyllm.load_checkpoint(path, tinyllm.resolve_device(args.device or "auto"))
+    config = checkpoint.config
+    temperature = args.temperature if args.temperature is not None else config.temperature
+    print(tinyllm.sample_text(checkpoint.model, checkpoint.tokenizer, args.prompt, args.num_chars,
+                              temperature, lowercase=config.lowercase,
+                              normalize_whitespace=config.normalize_whitespace, seed=args.seed))
+
+
+def train(args: argparse.Namespace) -> None:
+    config = build_config(args)
+    text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
+    trainer = tinyllm.Trainer(config, text, quiet=args.quiet, overwrite=args.overwrite)
+    summary = trainer.train()
+    if not args.quiet:
+        print(f"\nfull validation loss {summary['full_val_loss']:.4f} after {summary['steps']} steps "
+              f"({summary['elapsed_seconds']:.0f} s, {summary['tokens_per_second']:.0f} tokens/s); "
+              f"files in {config.out_dir}/\n\n{summary['sample']}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        generate(args) if args.generate else train(args)
+    except tinyllm.TinyLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a vanished directory: still one line, not a traceback
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
