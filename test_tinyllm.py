@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinyllm
+import train_shakespeare
 from tinyllm import (CharacterTokenizer, TinyLLMError, TokenWindows, TrainingConfig, TransformerModel,
                      prepare_text)
 
@@ -258,19 +259,30 @@ def test_download_checks_the_sha256(file_server, tmp_path):
     (served / "input.txt").write_bytes(payload)
     target_dir = tmp_path / "data"
     good = hashlib.sha256(payload).hexdigest()
-    path = tinyllm.download_file(f"{url}/input.txt", target_dir / "shakespeare.txt", good)
+    path = train_shakespeare.download(f"{url}/input.txt", target_dir / "shakespeare.txt", good)
     assert path.read_bytes() == payload
 
     bad_target = tmp_path / "other" / "shakespeare.txt"
     with pytest.raises(TinyLLMError, match="sha256"):
-        tinyllm.download_file(f"{url}/input.txt", bad_target, "0" * 64)
+        train_shakespeare.download(f"{url}/input.txt", bad_target, "0" * 64)
     assert list(bad_target.parent.iterdir()) == []  # no file, not even a temporary one
+
+
+def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path, monkeypatch):
+    served, url = file_server
+    (served / "input.txt").write_text(PLAY)
+    monkeypatch.setattr(train_shakespeare, "SHAKESPEARE_URL", f"{url}/input.txt")
+    monkeypatch.setattr(train_shakespeare, "SHAKESPEARE_SHA256", hashlib.sha256(PLAY.encode()).hexdigest())
+    path = tmp_path / "data" / "shakespeare.txt"
+    assert train_shakespeare.shakespeare_text(path) == PLAY and path.read_text() == PLAY
+    (served / "input.txt").unlink()  # a second call must not touch the network
+    assert train_shakespeare.shakespeare_text(path) == PLAY
 
 
 def test_download_failure_says_where_to_put_the_file(file_server, tmp_path):
     _, url = file_server
     with pytest.raises(TinyLLMError, match="save it as .*shakespeare.txt"):
-        tinyllm.download_file(f"{url}/missing.txt", tmp_path / "shakespeare.txt", "0" * 64)
+        train_shakespeare.download(f"{url}/missing.txt", tmp_path / "shakespeare.txt", "0" * 64)
     assert not (tmp_path / "shakespeare.txt").exists()
 
 
@@ -398,7 +410,7 @@ def test_metrics_logger_writes_a_parseable_csv_with_one_header(tmp_path):
         metrics.close()
     rows = list(csv.DictReader(open(path)))
     assert [int(r["step"]) for r in rows] == [1, 2] and float(rows[0]["val_loss"]) == 2.4
-    with pytest.raises(TinyLLMError, match="unknown column"):
+    with pytest.raises(ValueError, match="colour"):
         tinyllm.MetricsLogger(path).log(colour=1)
 
 

@@ -6,9 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import List, Optional
+
+from tqdm import tqdm
 
 import tinyllm
 
@@ -68,11 +73,33 @@ def build_config(args: argparse.Namespace) -> tinyllm.TrainingConfig:
     return tinyllm.TrainingConfig.from_dict(flags)
 
 
+def download(url: str, path: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Download `url` to `path` with a progress bar, verify its sha256, and write it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, tinyllm.atomic_write(path) as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}",
+                      disable=not sys.stderr.isatty()) as bar:
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if digest.hexdigest() != sha256:  # raising here makes atomic_write drop the file
+                raise tinyllm.TinyLLMError(f"download from {url} has sha256 {digest.hexdigest()}, "
+                                           f"expected {sha256}; download it by hand and save it as {path}")
+    except (urllib.error.URLError, OSError) as e:
+        raise tinyllm.TinyLLMError(f"could not download {url} ({getattr(e, 'reason', None) or e}); "
+                                   f"if you are offline, fetch that file elsewhere and save it as {path}") from None
+    return path
+
+
 def shakespeare_text(path: Path) -> str:
     """The default data: use the local copy, or download and verify it once."""
     if not path.exists():
         print(f"downloading Tiny Shakespeare to {path} ...", file=sys.stderr)
-        tinyllm.download_file(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+        download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
     return tinyllm.load_text(path)
 
 
