@@ -38,7 +38,7 @@ def tiny_model(vocab_size=11, max_context=16, n_layer=2, n_head=2, n_embd=16, se
 
 
 def tiny_config(tmp_path, **overrides):
-    fields = dict(model_size="tiny", max_context=32, batch_size=8, val_frequency=10,
+    fields = dict(model_size="tiny", max_context=32, batch_size=8, val_frequency=10, compile=False,
                   sample_frequency=1000, sample_length=20, out_dir=str(tmp_path / "out"))
     return TrainingConfig(**{**fields, **overrides})
 
@@ -194,7 +194,7 @@ def test_an_epoch_makes_every_token_a_target_once():
     loader = tinyllm.epoch_loader(ids, 16, 8, torch.Generator().manual_seed(0))
     targets = torch.cat([y.flatten() for _, y in loader])
     assert len(set(targets.tolist())) == len(targets)  # no target twice
-    assert len(targets) >= len(ids) - 2 * 16  # all but a window's worth at the ends
+    assert len(targets) >= len(ids) - 16 * (8 + 1)  # all but an incomplete batch and the ends
     x, y = next(iter(loader))
     assert x.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
 
@@ -317,6 +317,20 @@ def test_attention_is_causal(length, data):
     assert not torch.allclose(before[0, t + 1:], after[0, t + 1:])
 
 
+def test_heads_must_split_the_width_into_even_sizes():
+    with pytest.raises(TinyLLMError, match="even head size"):
+        TransformerModel(10, 16, 1, 4, 18)  # 18 wide does not split into 4 heads
+    TransformerModel(10, 16, 1, 3, 18)  # but into 3 heads of 6
+    with pytest.raises(TinyLLMError, match="even head size"):
+        TrainingConfig(n_embd=30, n_head=2)  # head size 15 is odd
+
+
+def test_flops_per_token_counts_matrix_weights_six_times():
+    model = tiny_model(vocab_size=11, max_context=16, n_layer=2, n_head=2, n_embd=16)
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2) - 11 * 16
+    assert model.flops_per_token() == 6 * matrices + 12 * 2 * 16 * 16
+
+
 def test_input_longer_than_the_context_is_refused():
     with pytest.raises(TinyLLMError, match="max_context is 16"):
         tiny_model()(torch.zeros(1, 17, dtype=torch.long))
@@ -385,9 +399,28 @@ def test_early_stopping_ends_a_run_after_patience_validations_without_improvemen
 
 def test_a_run_ends_after_its_epochs(tmp_path):
     summary = tinyllm.Trainer(tiny_config(tmp_path, epochs=2), PLAY, progress=False, quiet=True).train()
-    steps_per_epoch = math.ceil((len(PLAY) * 0.9 // 32) / 8)
+    steps_per_epoch = (len(PLAY) * 0.9 // 32) // 8
     assert summary["stopped_because"] == "epochs" and summary["epochs_completed"] == 2
     assert 2 * steps_per_epoch - 2 <= summary["steps"] <= 2 * steps_per_epoch
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth(tmp_path):
+    trainer = tinyllm.Trainer(tiny_config(tmp_path, max_steps=100, warmup_steps=10, learning_rate=1.0),
+                              PLAY, progress=False, quiet=True)
+    rates = []
+    for trainer.step in range(100):
+        rates.append(trainer.learning_rate())
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # never rises after warmup
+    assert rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_a_time_budget_covers_the_whole_run(tmp_path):
+    config = tiny_config(tmp_path, time_budget=4.0, epochs=1000, val_frequency=50)
+    summary = tinyllm.Trainer(config, PLAY * 5, progress=False, quiet=True).train()
+    assert summary["stopped_because"] == "time_budget"
+    assert 2.0 < summary["elapsed_seconds"] < 6.0  # generous: this machine's timing is noisy
+    assert 0 < summary["mfu"] < 1 and summary["peak_tflops"] > 0
 
 
 def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
@@ -451,8 +484,10 @@ def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+    """Run the command line; compiling is left off, since each test's shapes would compile anew."""
+    args = [*map(str, args), *([] if "--compile" in args or "--generate" in args else ["--no-compile"])]
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -503,6 +538,13 @@ def test_cli_refuses_to_overwrite_a_run(trained_run):
     result = run_cli("--data", tmp / "play.txt", "--out-dir", tmp / "out", "--size", "tiny")
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert {p.name: p.read_bytes() for p in (tmp / "out").iterdir()} == before
+
+
+def test_cli_benchmark_prints_throughput(tmp_path):
+    (tmp_path / "play.txt").write_text(PLAY)
+    result = run_cli("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32)
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stdout and "MFU" in result.stdout and not list(tmp_path.glob("out*"))
 
 
 @pytest.mark.parametrize("args, message", [

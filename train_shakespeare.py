@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import itertools
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,7 +33,7 @@ CONFIG_FLAGS = {
     "sample_frequency": "sample_frequency", "temperature": "temperature",
     "metrics_csv": "metrics_csv_enabled", "lowercase": "lowercase",
     "normalize_whitespace": "normalize_whitespace", "seed": "seed", "device": "device",
-    "dtype": "dtype", "out_dir": "out_dir",
+    "dtype": "dtype", "compile": "compile", "out_dir": "out_dir",
 }
 
 
@@ -51,12 +55,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                        ("learning-rate", float), ("max-context", int), ("val-frequency", int),
                        ("sample-frequency", int), ("temperature", float), ("seed", int)]:
         p.add_argument(f"--{flag}", type=kind)
-    for flag in ("metrics-csv", "lowercase", "normalize-whitespace"):
+    for flag in ("metrics-csv", "lowercase", "normalize-whitespace", "compile"):
         p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", choices=tinyllm.DEVICES)
     p.add_argument("--dtype", choices=list(tinyllm.DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bar; console shows warnings only")
     p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out-dir")
+    p.add_argument("--benchmark", action="store_true",
+                   help="print training tokens/s and MFU for the configured model (median of 3), then exit")
     g = p.add_argument_group("generation")
     g.add_argument("--generate", action="store_true", help="sample from a trained model instead of training")
     g.add_argument("--checkpoint", type=Path, help="checkpoint to sample from (default: <out-dir>/best.pt)")
@@ -117,6 +123,30 @@ def generate(args: argparse.Namespace) -> None:
                               normalize_whitespace=config.normalize_whitespace, seed=args.seed))
 
 
+def benchmark(args: argparse.Namespace) -> None:
+    """Time training steps of the configured model on the real data; nothing is kept."""
+    text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = dataclasses.replace(build_config(args), out_dir=out_dir)
+        trainer = tinyllm.Trainer(config, text, progress=False, quiet=True)
+        batches = (batch for _ in itertools.count() for batch in tinyllm.epoch_loader(
+            trainer.train_ids, config.max_context, config.batch_size, trainer.generator))  # endless
+        for _ in range(5):  # warm-up (and compilation, with --compile)
+            trainer.train_step(*next(batches), config.learning_rate).item()
+        rates = []
+        for _ in range(3):
+            start = time.perf_counter()
+            losses = [trainer.train_step(*next(batches), config.learning_rate) for _ in range(30)]
+            losses[-1].item()  # wait for the device to finish
+            rates.append(30 * config.batch_size * config.max_context / (time.perf_counter() - start))
+    rate = sorted(rates)[1]
+    print(f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide, context "
+          f"{config.max_context}, batch {config.batch_size}, {trainer.model.num_parameters():,} parameters, "
+          f"{trainer.device} {str(trainer.dtype).replace('torch.', '')}: {rate:,.0f} tokens/s "
+          f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * trainer.mfu(rate):.1f}% "
+          f"of {trainer.peak_flops / 1e12:.2f} TFLOP/s")
+
+
 def train(args: argparse.Namespace) -> None:
     config = build_config(args)
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
@@ -131,7 +161,10 @@ def train(args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        generate(args) if args.generate else train(args)
+        if args.generate:
+            generate(args)
+        else:
+            benchmark(args) if args.benchmark else train(args)
     except tinyllm.TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
