@@ -423,12 +423,37 @@ def test_a_time_budget_covers_the_whole_run(tmp_path):
     assert 0 < summary["mfu"] < 1 and summary["peak_tflops"] > 0
 
 
+def test_a_failing_compile_falls_back_to_plain_pytorch(tmp_path, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found")
+        return compiled
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    summary = tinyllm.Trainer(tiny_config(tmp_path, compile=True, max_steps=3), PLAY,
+                              progress=False, quiet=True).train()
+    assert summary["steps"] == 3
+    assert "torch.compile failed (no C++ compiler found)" in (tmp_path / "out" / "tinyllm_training.log").read_text()
+
+
+def test_auto_dtype_uses_bfloat16_only_on_cpus_that_run_it_fast(monkeypatch):
+    cpu = torch.device("cpu")
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert tinyllm.resolve_dtype("auto", cpu)[0] == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert tinyllm.resolve_dtype("auto", cpu) == (torch.bfloat16, "this CPU has AMX")
+    assert tinyllm.resolve_dtype("float16", cpu)[0] == torch.float16
+    assert tinyllm.resolve_compile(None, cpu)[0] and not tinyllm.resolve_compile(False, cpu)[0]
+
+
 def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     config = tiny_config(tmp_path, max_steps=2)
     tinyllm.Trainer(config, PLAY, progress=False, quiet=True).train()
     before = (tmp_path / "out" / "best.pt").read_bytes()
     with pytest.raises(TinyLLMError, match="--overwrite"):
         tinyllm.Trainer(config, PLAY, progress=False, quiet=True)
+    with pytest.raises(TinyLLMError, match="too short"):  # a failed start leaves the old run alone
+        tinyllm.Trainer(config, "too little text", progress=False, quiet=True, overwrite=True)
     assert (tmp_path / "out" / "best.pt").read_bytes() == before
     tinyllm.Trainer(config, PLAY, progress=False, quiet=True, overwrite=True).train()
 

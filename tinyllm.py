@@ -57,14 +57,10 @@ class Registry:
 
     def register(self, name: str, entry: Any = None) -> Any:
         """Register `entry` under `name`; without `entry`, return a decorator that does."""
-        if entry is not None:
-            self._entries[name] = entry
-            return entry
-
-        def decorator(obj: Any) -> Any:
-            self._entries[name] = obj
-            return obj
-        return decorator
+        if entry is None:
+            return lambda obj: self.register(name, obj)
+        self._entries[name] = entry
+        return entry
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._entries:
@@ -219,10 +215,10 @@ class TrainingConfig:
 
     # The training loop.
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 4e-3
     max_context: int = 128
-    val_frequency: int = 250
+    val_frequency: int = 500
     sample_frequency: int = 1000
     temperature: float = 0.8
     metrics_csv_enabled: bool = True
@@ -243,7 +239,7 @@ class TrainingConfig:
     grad_clip: Optional[float] = 1.0
     warmup_steps: int = 100
     early_stopping_patience: Optional[int] = None
-    val_batches: int = 10
+    val_batches: int = 20
     max_steps: Optional[int] = None
     time_budget: Optional[float] = None
     device: str = "auto"
@@ -642,10 +638,10 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TinyLLMError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TinyLLMError("--device mps was asked for but this machine has no MPS; use --device cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available[name.split(":")[0]]:
+        raise TinyLLMError(f"--device {name} was asked for but PyTorch cannot see one here; use --device cpu")
     return torch.device(name)
 
 
@@ -676,16 +672,18 @@ def resolve_compile(setting: Optional[bool], device: torch.device) -> tuple:
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Matrix-multiply FLOP/s this device reaches in `dtype`: the yardstick for model FLOPs utilisation."""
+    """Matrix-multiply FLOP/s this device reaches in `dtype`: the yardstick for model FLOPs utilisation.
+    The fastest of a few timings is taken, since anything else running only slows a timing down."""
     n = 1024 if device.type == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
-    for repeats in (1, 4):  # the first round warms up
+    fastest = math.inf
+    for _ in range(6):
         start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
+        a @ b
         synchronize()
-    return 4 * 2 * n ** 3 / (time.perf_counter() - start)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * n ** 3 / fastest
 
 
 class TqdmLoggingHandler(logging.Handler):
@@ -715,7 +713,7 @@ class Trainer:
         self.config, self.quiet = config, quiet
         self.progress = (sys.stdout.isatty() and not quiet) if progress is None else progress
         self.out_dir = Path(config.out_dir)
-        self._prepare_out_dir(overwrite)
+        self._check_out_dir(overwrite)
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
@@ -737,26 +735,34 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.step, self.epoch, self.tokens_seen = 0, 0, 0
         self.best_val_loss, self.last_val_loss, self.bad_validations = math.inf, math.nan, 0
-        self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if config.metrics_csv_enabled else None
 
-    def _prepare_out_dir(self, overwrite: bool) -> None:
-        """Refuse to clobber an earlier run unless asked; then open the log."""
+    def _check_out_dir(self, overwrite: bool) -> None:
+        """Refuse to clobber an earlier run unless asked (the old files go only when training starts)."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            existing = [f for f in ("best.pt", "last.pt", "summary.json") if (self.out_dir / f).exists()]
-            if existing and not overwrite:
-                raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); "
-                                   "choose another --out-dir or pass --overwrite")
-            for name in self.RUN_FILES if overwrite else ():
-                with contextlib.suppress(FileNotFoundError):
-                    (self.out_dir / name).unlink()
-            file_handler = logging.FileHandler(self.out_dir / "tinyllm_training.log", encoding="utf-8")
         except OSError as e:
-            raise TinyLLMError(f"cannot write to output directory {self.out_dir}: {e.strerror}") from None
+            raise TinyLLMError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
+        existing = [f for f in self.RUN_FILES if (self.out_dir / f).exists()]
+        if existing and not overwrite:
+            raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); "
+                               "choose another --out-dir or pass --overwrite")
+        if not os.access(self.out_dir, os.W_OK):
+            raise TinyLLMError(f"output directory {self.out_dir} is not writable; choose another --out-dir")
+
+    def _open_outputs(self) -> None:
+        """Clear an overwritten run's files, then start the log file and the metrics CSV."""
+        for name in self.RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (self.out_dir / name).unlink()
+        file_handler = logging.FileHandler(self.out_dir / "tinyllm_training.log", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         console = TqdmLoggingHandler(logging.WARNING if self.quiet else logging.INFO)
         console.setFormatter(logging.Formatter("%(message)s"))
         self.log_handlers = [file_handler, console]
+        for handler in self.log_handlers:
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if self.config.metrics_csv_enabled else None
 
     def _build_model(self) -> None:
         """The model, its compiled training view, the optimizer and (for float16) a gradient scaler."""
@@ -834,10 +840,9 @@ class Trainer:
 
     def train(self) -> dict:
         """Run the whole training loop and write every output file; return the summary."""
-        for handler in self.log_handlers:
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        self.metrics, self.log_handlers = None, []
         try:
+            self._open_outputs()
             self._log_start()
             stopped_because = self._loop()
             return self._finish(stopped_because)
@@ -867,7 +872,7 @@ class Trainer:
         """Train until epochs, max_steps, the time budget or early stopping ends it; validate last."""
         self.start_time = time.perf_counter()
         self.window = (self.start_time, 0)  # the time and tokens_seen that throughput is measured from
-        self.eval_seconds, self.save_seconds, self.last_val_step = 0.0, 0.0, -1
+        self.untimed_seconds, self.save_seconds, self.last_val_step = 0.0, 0.0, -1
         self.running_loss, self.running_steps = torch.zeros((), device=self.device), 0
         self.bar = tqdm(total=self.total_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
         with self.bar:
@@ -886,6 +891,8 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += y.numel()
                 self.bar.update()
+                if self.step == 1:
+                    self._log_first_step()
                 if self.step % config.val_frequency == 0:
                     self._validate()
                 if self.step % config.sample_frequency == 0:
@@ -894,6 +901,14 @@ class Trainer:
                 if stop:
                     return stop
         return "epochs"
+
+    def _log_first_step(self) -> None:
+        """The first step compiles and warms up: report it, and keep it out of the tokens/s."""
+        started = self.window[0]
+        self.running_loss.item()  # wait for the device
+        logger.info("first step took %.1f s (%s)", time.perf_counter() - started,
+                    "compilation and warm-up" if self.compiled else "warm-up")
+        self._exclude_from_throughput(started)
 
     def _stop_reason(self) -> Optional[str]:
         config = self.config
@@ -914,11 +929,11 @@ class Trainer:
     def _final_work_seconds(self) -> float:
         """An estimate of what the run does after its last step (validation, sample, checkpoint), so
         that a time budget covers the whole run. A forward pass costs about a third of a training
-        step per token; counting it as half leaves a margin."""
+        step per token; counting it as two thirds leaves a margin."""
         if not self.tokens_seen:
             return 0.0
-        train_seconds = time.perf_counter() - self.start_time - self.eval_seconds
-        forward_tokens_per_second = 2 * self.tokens_seen / max(train_seconds, 1e-9)
+        train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
+        forward_tokens_per_second = 1.5 * self.tokens_seen / max(train_seconds, 1e-9)
         forward_tokens = (len(self.val_ids) + self.config.val_batches * self.config.batch_size
                           * self.config.max_context + self.config.sample_length * self.config.max_context)
         return forward_tokens / max(forward_tokens_per_second, 1.0) + self.save_seconds
@@ -953,8 +968,8 @@ class Trainer:
         self._exclude_from_throughput(now)
 
     def _exclude_from_throughput(self, since: float) -> None:
-        """Validation and sampling are not training: restart the throughput window after them."""
-        self.eval_seconds += time.perf_counter() - since
+        """Validation, sampling and the first step are not counted in tokens/s: restart the window."""
+        self.untimed_seconds += time.perf_counter() - since
         self.window = (time.perf_counter(), self.tokens_seen)
 
     def _epoch_fraction(self) -> float:
@@ -980,7 +995,7 @@ class Trainer:
 
     def _finish(self, stopped_because: str) -> dict:
         """Write last.pt, score the best model on the whole validation split, sample, summarise."""
-        train_seconds = time.perf_counter() - self.start_time - self.eval_seconds
+        train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
         self._save("last.pt")
         best = load_checkpoint(self.out_dir / "best.pt", self.device).model
         self.model.load_state_dict(best.state_dict())
