@@ -443,7 +443,10 @@ def test_auto_dtype_uses_bfloat16_only_on_cpus_that_run_it_fast(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert tinyllm.resolve_dtype("auto", cpu) == (torch.bfloat16, "this CPU has AMX")
     assert tinyllm.resolve_dtype("float16", cpu)[0] == torch.float16
-    assert tinyllm.resolve_compile(None, cpu)[0] and not tinyllm.resolve_compile(False, cpu)[0]
+    assert tinyllm.resolve_compile(None, cpu, 10_000_000, None)[0]  # long runs compile
+    assert not tinyllm.resolve_compile(None, cpu, 100_000, None)[0]  # short ones do not
+    assert not tinyllm.resolve_compile(None, cpu, 10_000_000, 30.0)[0]
+    assert tinyllm.resolve_compile(None, cpu, 0, 180.0)[0] and not tinyllm.resolve_compile(False, cpu, 0, 180.0)[0]
 
 
 def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
