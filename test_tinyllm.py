@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -372,6 +373,16 @@ def test_sample_text_prepares_the_prompt_and_is_reproducible():
     assert first == tinyllm.sample_text(model, tokenizer, "ROMEO:  ", 30, seed=3)
     with pytest.raises(TinyLLMError, match="'z'"):
         tinyllm.sample_text(model, tokenizer, "zebra", 5)
+
+
+def test_full_evaluation_scores_every_validation_token_once():
+    model = tiny_model()
+    ids = torch.randint(11, (50,))  # three windows of 16, then a tail with one target
+    total = 0.0
+    for start, end in [(0, 16), (16, 32), (32, 48), (48, 49)]:
+        logits, _ = model(ids[None, start:end])
+        total += F.cross_entropy(logits[0], ids[start + 1:end + 1], reduction="sum").item()
+    assert tinyllm.evaluate_full(model, ids, batch_size=2) == pytest.approx(total / 49, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -610,8 +610,8 @@ def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
     was_training = model.training
     model.eval()
     context, device = model.max_context, next(model.parameters()).device
-    n_windows = (len(ids) - 1) // context
     windows = TokenWindows(ids, context)
+    n_windows = len(windows)
     total, count = torch.zeros((), device=device), 0
     for start in range(0, n_windows, batch_size):
         x, y = windows[list(range(start, min(start + batch_size, n_windows)))]
@@ -724,9 +724,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
-        self.text = prepare_text(text, config.lowercase, config.normalize_whitespace)
-        self.tokenizer = TOKENIZERS[config.tokenizer]().fit(self.text)
-        ids = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long)
+        text = prepare_text(text, config.lowercase, config.normalize_whitespace)
+        self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text)
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         train_ids, val_ids = split_train_val(ids, config.val_fraction, config.max_context)
         self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
         self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
