@@ -3,6 +3,7 @@ import csv
 import functools
 import hashlib
 import http.server
+import importlib.util
 import json
 import math
 import os
@@ -95,7 +96,7 @@ def test_load_tokenizer_rejects_unknown_type_and_bad_files(tmp_path):
 
 def test_registry_lists_known_names_on_a_miss():
     assert {"tiny", "small", "medium"} <= set(tinyllm.MODEL_SIZES.names())
-    with pytest.raises(TinyLLMError, match="unknown model size 'huge'; choose one of: medium, small, tiny"):
+    with pytest.raises(TinyLLMError, match="unknown model size 'huge'; choose one of: large, medium, small, tiny"):
         tinyllm.MODEL_SIZES["huge"]
     registry = tinyllm.Registry("widget")
 
@@ -347,22 +348,83 @@ def test_initial_loss_is_near_uniform_guessing():
 # Sampling
 
 
-def test_generate_slides_past_the_context_and_top_k_one_is_greedy():
-    model = tiny_model()
+def test_generate_jumps_the_window_past_the_context_and_top_k_one_is_greedy():
+    model = tiny_model()  # max_context 16: once full, the newest 8 tokens are kept
     idx = torch.randint(11, (2, 5))
     out = tinyllm.generate(model, idx, 40, top_k=1)
     assert out.shape == (2, 45) and torch.equal(out[:, :5], idx)
-    greedy = idx
+    greedy, start = idx, 0
     for _ in range(40):
-        logits, _ = model(greedy[:, -16:])
+        if greedy.shape[1] - start > 16:
+            start = greedy.shape[1] - 8
+        logits, _ = model(greedy[:, start:])
         greedy = torch.cat([greedy, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, greedy)
 
 
-@pytest.mark.parametrize("temperature", [0, -1.0])
-def test_generate_refuses_a_non_positive_temperature(temperature):
-    with pytest.raises(TinyLLMError, match="temperature must be positive"):
-        tinyllm.generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 3, temperature)
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from([(1, 2, 8), (2, 2, 16), (3, 4, 16)]),
+       st.integers(1, 30), st.integers(1, 70), st.integers(2, 12))
+def test_cached_generation_matches_full_recomputation(seed, shape, prompt_length, new_tokens, context):
+    """Greedy decoding gives the same tokens with and without the cache, also far past
+    max_context. float64 keeps rounding from flipping a near-tie between two tokens."""
+    n_layer, n_head, n_embd = shape
+    model = tiny_model(13, context, n_layer, n_head, n_embd, seed=seed).double()
+    idx = torch.randint(13, (2, prompt_length), generator=torch.Generator().manual_seed(seed))
+    cached = tinyllm.generate(model, idx, new_tokens, top_k=1, use_cache=True)
+    assert torch.equal(cached, tinyllm.generate(model, idx, new_tokens, top_k=1, use_cache=False))
+
+
+def test_cache_gives_the_logits_of_a_full_forward_pass():
+    model = tiny_model()
+    idx = torch.randint(11, (2, 12))
+    cache = tinyllm.KVCache(model, batch_size=2)
+    with torch.no_grad():  # a prefill, one token, then three at once
+        pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in [(0, 6), (6, 7), (7, 10), (10, 12)]]
+        full = model(idx)[0]
+    assert cache.length == 12
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+    with pytest.raises(TinyLLMError, match="max_context is 16"):
+        model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+
+
+def test_sampling_with_a_seed_is_reproducible_with_or_without_the_cache():
+    model = tiny_model()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    runs = [tinyllm.generate(model, idx, 50, 1.5, top_p=0.9, use_cache=use_cache,
+                             generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_top_k_and_top_p_sample_only_from_the_allowed_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {tinyllm.sample_next(logits, generator=generator, **kw).item() for _ in range(300)}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8: the nucleus is two tokens
+    assert draw(top_p=0.81) == {0, 1, 2}
+    assert draw(top_p=0.1) == {0}  # the most likely token is always kept
+    assert draw() == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(temperature=0), "temperature must be positive"), (dict(temperature=-1.0), "temperature must"),
+    (dict(top_k=0), "top_k must be positive"), (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in")])
+def test_generate_refuses_bad_sampling_settings(options, message):
+    with pytest.raises(TinyLLMError, match=message):
+        tinyllm.generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 3, **options)
+
+
+def test_streaming_ends_before_a_stop_string_and_never_shows_part_of_one():
+    tokenizer = CharacterTokenizer().fit(prepare_text(PLAY))
+    model = tiny_model(tokenizer.vocab_size)
+    full = "".join(tinyllm.stream_text(model, tokenizer, "", 200, seed=5))
+    stop = full[60:63]
+    first = full.index(stop)
+    pieces = list(tinyllm.stream_text(model, tokenizer, "", 200, seed=5, stop=[stop, "not there"]))
+    assert "".join(pieces) == full[:first] and len(pieces) > 10  # streamed, and nothing past the stop
+    assert "".join(tinyllm.stream_text(model, tokenizer, "", 200, seed=5, stop=["#"])) == full
 
 
 def test_sample_text_prepares_the_prompt_and_is_reproducible():
@@ -371,7 +433,7 @@ def test_sample_text_prepares_the_prompt_and_is_reproducible():
     first = tinyllm.sample_text(model, tokenizer, "ROMEO:  ", 30, seed=3)
     assert first.startswith("romeo:") and len(first) == len("romeo:") + 30
     assert first == tinyllm.sample_text(model, tokenizer, "ROMEO:  ", 30, seed=3)
-    with pytest.raises(TinyLLMError, match="'z'"):
+    with pytest.raises(TinyLLMError, match="prompt has .*'z'.*never saw"):
         tinyllm.sample_text(model, tokenizer, "zebra", 5)
 
 
@@ -472,6 +534,83 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     tinyllm.Trainer(config, PLAY, progress=False, quiet=True, overwrite=True).train()
 
 
+def test_fine_tuning_grows_the_vocabulary_and_keeps_the_old_logits(tmp_path):
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, progress=False, quiet=True).train()
+    start = tinyllm.load_checkpoint(tmp_path / "out" / "best.pt")
+    old_vocab = start.tokenizer.vocab_size
+    new_text = PLAY + "\nZOUNDS! Quoth the jester; 42 jokes.\n" * 20
+    config = tiny_config(tmp_path, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "out" / "best.pt"),
+                         model_size="small", max_context=16, lowercase=False, max_steps=10)
+    trainer = tinyllm.Trainer(config, new_text, progress=False, quiet=True)
+    # The architecture and preprocessing come from the checkpoint, not from the config passed in.
+    assert (trainer.config.n_embd, trainer.config.max_context, trainer.config.lowercase) == (32, 32, True)
+    assert trainer.tokenizer.chars[:old_vocab] == start.tokenizer.chars
+    added = trainer.tokenizer.chars[old_vocab:]
+    assert added == sorted(set(prepare_text(new_text)) - set(start.tokenizer.chars)) and "z" in added
+    probe = torch.tensor([start.tokenizer.encode("romeo, romeo")])
+    with torch.no_grad():
+        before, after = start.model(probe)[0], trainer.model(probe)[0]
+    assert after.shape[-1] == trainer.tokenizer.vocab_size > old_vocab
+    assert torch.equal(after[..., :old_vocab], before)
+    summary = trainer.train()
+    assert summary["steps"] == 10 and math.isfinite(summary["full_val_loss"])
+    tuned = tinyllm.load_checkpoint(tmp_path / "tuned" / "best.pt")
+    assert tuned.tokenizer.chars == trainer.tokenizer.chars == tinyllm.load_tokenizer(
+        tmp_path / "tuned" / "tokenizer.json").chars
+    assert tuned.config.init_from == str(tmp_path / "out" / "best.pt")
+
+
+def test_int8_weights_are_a_quarter_of_the_size_and_score_like_float(tmp_path):
+    model = tiny_model(vocab_size=11, n_layer=2, n_head=2, n_embd=64)
+    ids = torch.randint(11, (400,))
+    float_loss = tinyllm.evaluate_full(model, ids, batch_size=8)
+    config = TrainingConfig(model_size="tiny", n_embd=64, max_context=16)
+    tokenizer = CharacterTokenizer("abcdefghijk")
+    tinyllm.save_checkpoint(tmp_path / "float.pt", model, None, config, tokenizer)
+    quantized = tinyllm.quantize_int8(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    tinyllm.save_checkpoint(tmp_path / "int8.pt", quantized, None, config, tokenizer)
+    loaded = tinyllm.load_checkpoint(tmp_path / "int8.pt").model
+    assert loaded.quantization == "int8" and loaded.lm_head.weight.dtype == torch.int8
+    assert (tmp_path / "int8.pt").stat().st_size < 0.4 * (tmp_path / "float.pt").stat().st_size
+    probe = torch.randint(11, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(probe)[0], quantized(probe)[0])
+    assert abs(tinyllm.evaluate_full(loaded, ids, batch_size=8) - float_loss) < 0.01
+    assert tinyllm.generate(loaded, probe, 20).shape == (2, 36)  # the KV cache works on int8 too
+    config_with_start = tiny_config(tmp_path, init_from=str(tmp_path / "int8.pt"))
+    with pytest.raises(TinyLLMError, match="int8-quantized, which cannot be trained"):
+        tinyllm.Trainer(config_with_start, PLAY, progress=False, quiet=True)
+
+
+def test_every_size_builds_and_fields_override_it():
+    assert {"tiny", "small", "medium", "large"} <= set(tinyllm.MODEL_SIZES.names())
+    config = TrainingConfig(model_size="large", n_layer=3)
+    assert (config.n_layer, config.n_head, config.n_embd) == (3, 8, 512)
+    assert TransformerModel.from_config(config, 65).num_parameters() > 9_000_000
+
+
+def test_loss_plot_is_drawn_from_the_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.csv").write_text("step,epoch,train_loss,val_loss,learning_rate,tokens_per_second,"
+                                          "elapsed_seconds\n10,0.5,3.1,3.0,0.001,100,1\n20,1,2.5,2.6,0.001,100,2\n")
+    path = tinyllm.plot_losses(tmp_path)
+    assert path == tmp_path / "loss.png" and path.read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TinyLLMError, match="does not exist"):
+        tinyllm.plot_losses(tmp_path / "empty")
+
+
+def test_without_matplotlib_a_run_says_how_to_get_the_plot_and_finishes(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(TinyLLMError, match=r"pip install 'tinyllm\[plot\]'"):
+        tinyllm.plot_losses(tmp_path)
+    summary = tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, progress=False, quiet=True).train()
+    assert summary["steps"] == 10 and not (tmp_path / "out" / "loss.png").exists()
+    assert "tinyllm[plot]" in caplog.text
+
+
 def test_metrics_logger_writes_a_parseable_csv_with_one_header(tmp_path):
     path = tmp_path / "metrics.csv"
     for step in (1, 2):
@@ -561,6 +700,15 @@ def test_cli_training_writes_every_file(trained_run):
     assert "=== step 20 ===" in (out / "samples.txt").read_text()
     assert "step 40" in (out / "tinyllm_training.log").read_text()
     assert tinyllm.load_checkpoint(out / "best.pt").step <= 40
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_generate_refuses_a_prompt_with_unseen_characters(trained_run):
+    tmp, _ = trained_run
+    result = run_cli("--generate", "--out-dir", tmp / "out", "--prompt", "ROMEO: ¿sé?")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "'¿é'" in result.stderr and "never saw" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_cli_generate_prints_a_continuation(trained_run):
@@ -569,6 +717,51 @@ def test_cli_generate_prints_a_continuation(trained_run):
                      "--seed", 1)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("juliet:") and len(result.stdout.rstrip("\n")) >= len("juliet:")
+
+
+def test_cli_generate_samples_reproducibly_with_top_k_top_p_and_a_stop_string(trained_run):
+    tmp, _ = trained_run
+    common = ["--generate", "--out-dir", tmp / "out", "--prompt", "ROMEO:", "--num-chars", 80, "--seed", 3]
+    first = run_cli(*common, "--top-k", 5, "--top-p", 0.9, "--temperature", 1.2)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == run_cli(*common, "--top-k", 5, "--top-p", 0.9, "--temperature", 1.2).stdout
+    greedy = run_cli(*common, "--top-k", 1).stdout
+    stop = greedy[len("romeo:") + 5:len("romeo:") + 7]
+    stopped = run_cli(*common, "--top-k", 1, "--stop", stop).stdout
+    assert stopped == greedy[:greedy.index(stop, len("romeo:"))] + "\n"
+
+
+def test_cli_quantizes_evaluates_and_generates_with_int8(trained_run):
+    tmp, _ = trained_run
+    result = run_cli("--quantize", "int8", "--checkpoint", tmp / "out" / "best.pt")
+    assert result.returncode == 0 and "best.int8.pt" in result.stdout, result.stderr
+    losses = {}
+    for name in ("best.pt", "best.int8.pt"):
+        result = run_cli("--evaluate", "--checkpoint", tmp / "out" / name, "--data", tmp / "play.txt")
+        assert result.returncode == 0, result.stderr
+        losses[name] = float(result.stdout.split("full validation loss ")[1].split()[0])
+    assert abs(losses["best.int8.pt"] - losses["best.pt"]) < 0.02
+    result = run_cli("--generate", "--checkpoint", tmp / "out" / "best.pt", "--quantize", "int8",
+                     "--benchmark", "--num-chars", 30)
+    assert result.returncode == 0 and "int8" in result.stdout and "with the KV cache" in result.stdout
+
+
+def test_cli_fine_tunes_a_checkpoint_on_new_text(trained_run):
+    tmp, _ = trained_run
+    (tmp / "new.txt").write_text("QUEEN: 1, 2, 3 (and 4)!\n" * 200, encoding="utf-8")
+    result = run_cli("--init-from", tmp / "out" / "best.pt", "--data", tmp / "new.txt", "--out-dir",
+                     tmp / "tuned", "--max-steps", 10, "--quiet")
+    assert result.returncode == 0, result.stderr
+    chars = tinyllm.load_tokenizer(tmp / "tuned" / "tokenizer.json").chars
+    assert chars[:len(set(prepare_text(PLAY)))] == sorted(set(prepare_text(PLAY))) and "4" in chars
+
+
+def test_cli_plots_an_existing_run(trained_run):
+    pytest.importorskip("matplotlib")
+    tmp, _ = trained_run
+    (tmp / "out" / "loss.png").unlink()  # drawn at the end of training; --plot draws it again
+    result = run_cli("--plot", "--out-dir", tmp / "out")
+    assert result.returncode == 0 and (tmp / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_refuses_to_overwrite_a_run(trained_run):
@@ -592,6 +785,7 @@ def test_cli_benchmark_prints_throughput(tmp_path):
     (["--size", "huge"], "unknown model size"),
     (["--data", "no/such/file.txt"], "does not exist"),
     (["--generate", "--checkpoint", "no/such.pt"], "no checkpoint"),
+    (["--plot"], "does not exist"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     (tmp_path / "play.txt").write_text(PLAY)

@@ -33,8 +33,9 @@ from tqdm import tqdm
 __all__ = [
     "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer", "CharacterTokenizer",
     "load_tokenizer", "TrainingConfig", "prepare_text", "load_text", "split_train_val",
-    "TokenWindows", "TransformerModel", "generate", "sample_text", "evaluate_full", "Trainer",
-    "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "atomic_write",
+    "TokenWindows", "TransformerModel", "KVCache", "generate", "generate_tokens", "stream_text",
+    "sample_text", "evaluate_full", "Trainer",
+    "Int8Linear", "quantize_int8", "MetricsLogger", "plot_losses", "Checkpoint", "save_checkpoint", "load_checkpoint", "atomic_write",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -80,6 +81,7 @@ MODEL_SIZES = Registry("model size")
 MODEL_SIZES.register("tiny", {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0})
 MODEL_SIZES.register("small", {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0})
 MODEL_SIZES.register("medium", {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2})
+MODEL_SIZES.register("large", {"n_layer": 8, "n_head": 8, "n_embd": 512, "dropout": 0.2})
 
 
 @contextlib.contextmanager
@@ -153,6 +155,12 @@ class Tokenizer:
             raise TinyLLMError(f"tokenizer file {path} is malformed ({e})") from None
         return self
 
+    def extend(self, text: str) -> int:
+        """Add the tokens `text` needs that the vocabulary lacks, after the existing ones (so their
+        ids stay); return how many were added. A tokenizer that encodes any text adds none."""
+        self.encode(text)
+        return 0
+
 
 @TOKENIZERS.register("char")
 class CharacterTokenizer(Tokenizer):
@@ -166,6 +174,11 @@ class CharacterTokenizer(Tokenizer):
     def fit(self, text: str) -> "CharacterTokenizer":
         self.set_state({"chars": sorted(set(text))})
         return self
+
+    def extend(self, text: str) -> int:
+        new_chars = sorted(set(text) - self.index.keys())
+        self.set_state({"chars": self.chars + new_chars})
+        return len(new_chars)
 
     def state(self) -> dict:
         return {"chars": list(self.chars)}
@@ -186,8 +199,7 @@ class CharacterTokenizer(Tokenizer):
             return [self.index[c] for c in text]
         except KeyError:
             unknown = "".join(sorted(set(text) - self.index.keys()))
-            raise TinyLLMError(f"characters not in the tokenizer's vocabulary: {unknown!r}; "
-                               "fit the tokenizer on text that contains them") from None
+            raise TinyLLMError(f"characters not in the tokenizer's vocabulary: {unknown!r}") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -233,6 +245,7 @@ class TrainingConfig:
     normalize_whitespace: bool = True
     val_fraction: float = 0.1
     # The run.
+    init_from: Optional[str] = None  # a checkpoint to fine-tune, instead of a fresh model
     tokenizer: str = "char"
     seed: int = 1337
     weight_decay: float = 0.1
@@ -438,15 +451,23 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.proj_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional[KVCache] = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         # QK-norm: unit-length queries and keys (rescaled to the usual size) bound the attention
         # logits, which keeps training stable at a high learning rate.
         qk = F.normalize(qkv[:2], dim=-1) * math.sqrt(C // self.n_head)
-        qk = apply_rotary(qk, rotary)
+        q, k = apply_rotary(qk, rotary)
+        v = qkv[2]
+        if cache is not None:  # attend to every earlier position, not just the new ones
+            k, v = cache.update(layer, k, v)
+        S = k.shape[2]
+        # The T new queries stand at the last T of the S key positions: with S == T that is the
+        # usual causal mask; one new query may see every key; otherwise the mask is shifted.
+        mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         # PyTorch's fused kernel does the masking, softmax and dropout in one pass.
-        y = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2], is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
@@ -489,9 +510,29 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
         self.ffn = FeedForward(n_embd, dropout)
 
-    def forward(self, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary)
+    def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional[KVCache] = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, cache, layer)
         return x + self.ffn(self.norm2(x))
+
+
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, so generating a token costs one
+    position instead of the whole context. Room for max_context positions is allocated up front."""
+
+    def __init__(self, model: TransformerModel, batch_size: int = 1):
+        h = model.hparams
+        shape = (h["n_layer"], 2, batch_size, h["n_head"], h["max_context"], h["n_embd"] // h["n_head"])
+        weight = model.token_embedding.weight
+        self.keys_values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.length = 0  # positions filled; the model advances it after each forward pass
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Store the new positions' keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys_values[layer, 0, :, :, self.length:end] = k
+        self.keys_values[layer, 1, :, :, self.length:end] = v
+        return self.keys_values[layer, 0, :, :, :end], self.keys_values[layer, 1, :, :, :end]
 
 
 class TransformerModel(nn.Module):
@@ -504,6 +545,7 @@ class TransformerModel(nn.Module):
         self.hparams = dict(vocab_size=vocab_size, max_context=max_context, n_layer=n_layer,
                             n_head=n_head, n_embd=n_embd, dropout=dropout)
         self.max_context = max_context
+        self.quantization: Optional[str] = None  # "int8" after quantize_int8
         self.token_embedding = nn.Embedding(vocab_size, n_embd)
         # Positions enter through rotary embeddings in attention; the table is derived, not saved.
         self.register_buffer("rotary", rotary_table(max_context, n_embd // n_head), persistent=False)
@@ -533,8 +575,24 @@ class TransformerModel(nn.Module):
     def from_checkpoint(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "TransformerModel":
         return load_checkpoint(path, device).model
 
+    def grow_vocabulary(self, vocab_size: int) -> None:
+        """Add embedding and output rows for new tokens; the trained rows keep their values, so the
+        old tokens' logits do not change until training updates them."""
+        old_size, n_embd = self.hparams["vocab_size"], self.hparams["n_embd"]
+        device = self.token_embedding.weight.device
+        embedding, head = nn.Embedding(vocab_size, n_embd), nn.Linear(n_embd, vocab_size, bias=False)
+        for module in (embedding, head):
+            self._init_weights(module)
+        with torch.no_grad():
+            embedding.weight[:old_size] = self.token_embedding.weight
+            head.weight[:old_size] = self.lm_head.weight
+        self.token_embedding, self.lm_head = embedding.to(device), head.to(device)
+        self.hparams["vocab_size"] = vocab_size
+
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trainable weights, plus the int8 weights of a quantized model (stored as buffers)."""
+        int8_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, Int8Linear))
+        return sum(p.numel() for p in self.parameters()) + int8_weights
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token at full context: 6 per weight used in a matrix product (forward
@@ -544,16 +602,22 @@ class TransformerModel(nn.Module):
         h = self.hparams
         return 6 * matrices + 12 * h["n_layer"] * h["n_embd"] * h["max_context"]
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> tuple:
-        """Return (logits of shape (B, T, vocab), mean cross-entropy loss or None)."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> tuple:
+        """Return (logits of shape (B, T, vocab), mean cross-entropy loss or None).
+
+        With a `cache`, `idx` holds only the tokens that follow the ones already cached."""
+        start = cache.length if cache is not None else 0
         T = idx.shape[1]
-        if T > self.max_context:
-            raise TinyLLMError(f"input has {T} tokens but the model's max_context is {self.max_context}; "
-                               "crop it to the last max_context tokens")
+        if start + T > self.max_context:
+            raise TinyLLMError(f"input has {start + T} tokens but the model's max_context is "
+                               f"{self.max_context}; crop it to the last max_context tokens")
         x = self.dropout(self.token_embedding(idx))
-        rotary = self.rotary[:, :T]
-        for block in self.blocks:
-            x = block(x, rotary)
+        rotary = self.rotary[:, start:start + T]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, cache, layer)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
@@ -561,46 +625,159 @@ class TransformerModel(nn.Module):
         return logits, loss
 
 
+class Int8Linear(nn.Module):
+    """A linear layer stored as int8 weights with one float scale per output channel.
+
+    Weight-only quantization: each weight row is scaled so its largest magnitude becomes 127 and
+    rounded; activations stay in floating point, and the weights are expanded back as they are used.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        quantized = cls(linear.in_features, linear.out_features).to(weight.device)
+        quantized.weight.copy_(torch.round(weight / scales[:, None]).to(torch.int8))
+        quantized.scales.copy_(scales)
+        return quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+def quantize_int8(model: TransformerModel) -> TransformerModel:
+    """Replace every nn.Linear of `model` by an Int8Linear, in place: about 4x smaller weights.
+    Embeddings and norm gains stay in float; they are a small share of the weights."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear.from_linear(child))
+    model.quantization = "int8"
+    return model
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling
 
 
-@torch.no_grad()
-def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Append `max_new_tokens` sampled tokens to `idx` (B, T), sliding the window past max_context."""
-    if not temperature > 0:
-        raise TinyLLMError(f"temperature must be positive, got {temperature!r}")
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one token per row of `logits` (B, vocab) after temperature, top-k and top-p filtering."""
+    logits = logits.float() / temperature
+    if top_k is not None:  # keep the k most likely tokens (top_k=1 is greedy decoding)
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1:  # nucleus: the fewest likely tokens whose mass reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before them already reached top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise TinyLLMError(f"temperature must be positive, got {temperature!r} (for greedy decoding use top_k 1)")
     if top_k is not None and top_k <= 0:
         raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+@torch.inference_mode()
+def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int,
+                    temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing `idx` (B, T).
+
+    The context window holds at most max_context tokens. When it is full, it jumps forward: the
+    newest max_context // 2 tokens are kept and the cache is rebuilt from them in one pass (a cache
+    cannot just drop its oldest position, since every later position's keys were computed while
+    attending to it). Without the cache the same window is recomputed at each step, so both
+    routes give the same tokens and the cache makes each step cost one position.
+    """
+    check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.max_context:])
-        logits = logits[:, -1, :].float() / temperature
-        if top_k is not None:
-            kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_best, float("-inf"))
-        next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, next_id], dim=1)
-    model.train(was_training)
-    return idx
+    try:
+        context = idx[:, -model.max_context:]
+        cache = KVCache(model, idx.shape[0]) if use_cache else None
+        logits = model(context, cache=cache)[0][:, -1]
+        for i in range(max_new_tokens):
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)
+            yield next_id
+            if i == max_new_tokens - 1:
+                break
+            context = torch.cat([context, next_id], dim=1)
+            if context.shape[1] > model.max_context:  # the window jumps; rebuild the cache
+                context = context[:, -(model.max_context // 2 or 1):]
+                cache = KVCache(model, idx.shape[0]) if use_cache else None
+                logits = model(context, cache=cache)[0][:, -1]
+            else:
+                logits = model(next_id if use_cache else context, cache=cache)[0][:, -1]
+    finally:  # also when the caller stops early, e.g. at a stop string
+        model.train(was_training)
+
+
+def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             top_p: Optional[float] = None, use_cache: bool = True) -> torch.Tensor:
+    """Return `idx` (B, T) with `max_new_tokens` sampled tokens appended."""
+    new = generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    return torch.cat([idx, *new], dim=1)
+
+
+def stream_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, length: int,
+                temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                stop: Sequence[str] = (), lowercase: bool = True, normalize_whitespace: bool = True,
+                seed: Optional[int] = None, use_cache: bool = True) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece, as it is generated, for up to `length` tokens.
+
+    The prompt gets the same preprocessing as the training text; an empty prompt starts from token
+    0 (the newline, for a character vocabulary that has one). Generation ends early when a `stop`
+    string appears; the stop string itself is not yielded, so text that might begin one is held back.
+    """
+    prompt = prepare_text(prompt, lowercase, normalize_whitespace)
+    try:
+        prompt_ids = tokenizer.encode(prompt) or [0]
+    except TinyLLMError as e:
+        raise TinyLLMError(f"the prompt has {e}, which the model never saw in training; "
+                           "remove or replace them") from None
+    stop = [s for s in stop if s]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    pending, held = [], ""  # tokens not yet whole characters; text that may start a stop string
+    for next_id in generate_tokens(model, idx, length, temperature, top_k, top_p, generator, use_cache):
+        pending.append(int(next_id))
+        piece = tokenizer.decode(pending)
+        if piece.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character still incomplete
+            continue
+        held, pending = held + piece, []
+        hits = [held.find(s) for s in stop if s in held]
+        if hits:
+            yield held[:min(hits)]
+            return
+        keep = max((n for s in stop for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held or pending:
+        yield held + tokenizer.decode(pending)
 
 
 def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, length: int,
                 temperature: float = 1.0, top_k: Optional[int] = None, lowercase: bool = True,
-                normalize_whitespace: bool = True, seed: Optional[int] = None) -> str:
-    """Continue `prompt` by `length` tokens; the prompt gets the same preprocessing as the training text.
-
-    An empty prompt starts from token 0 (the newline, for a character vocabulary that has one).
-    """
-    prompt = prepare_text(prompt, lowercase, normalize_whitespace)
-    prompt_ids = tokenizer.encode(prompt) or [0]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = generate(model, idx, length, temperature, top_k, generator)[0].tolist()
-    return prompt + tokenizer.decode(out[len(prompt_ids):])
+                normalize_whitespace: bool = True, seed: Optional[int] = None, **options: Any) -> str:
+    """The preprocessed prompt followed by its continuation (see `stream_text` for `options`)."""
+    pieces = stream_text(model, tokenizer, prompt, length, temperature, top_k, lowercase=lowercase,
+                         normalize_whitespace=normalize_whitespace, seed=seed, **options)
+    return prepare_text(prompt, lowercase, normalize_whitespace) + "".join(pieces)
 
 
 @torch.no_grad()
@@ -712,7 +889,7 @@ class Trainer:
     """
 
     RUN_FILES = ("best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log",
-                 "metrics.csv", "samples.txt", "summary.json")
+                 "metrics.csv", "samples.txt", "summary.json", "loss.png")
 
     def __init__(self, config: TrainingConfig, text: str, *, progress: Optional[bool] = None,
                  quiet: bool = False, overwrite: bool = False):
@@ -724,23 +901,42 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
+        start = self._fine_tuning_start(config.init_from) if config.init_from else None
+        config = self.config
         text = prepare_text(text, config.lowercase, config.normalize_whitespace)
-        self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text)
+        if start is None:
+            self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text)
+        else:
+            self.tokenizer, self.added_tokens = start.tokenizer, start.tokenizer.extend(text)
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         train_ids, val_ids = split_train_val(ids, config.val_fraction, config.max_context)
         self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
         self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
                                          config.val_batches, config.seed)
-        self.tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase,
-                                           config.normalize_whitespace))  # fail now, not mid-run
+        try:  # fail now, not mid-run
+            self.tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase,
+                                               config.normalize_whitespace))
+        except TinyLLMError as e:
+            raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.steps_per_epoch = max(1, len(TokenWindows(train_ids, config.max_context)) // config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
-        self._build_model()
+        self._build_model(start.model if start else None)
         self.step, self.epoch, self.tokens_seen = 0, 0, 0
         self.best_val_loss, self.last_val_loss, self.bad_validations = math.inf, math.nan, 0
+
+    def _fine_tuning_start(self, path: str) -> Checkpoint:
+        """Fine-tuning keeps the saved model's architecture, tokenizer and text preprocessing; the
+        optimizer and learning-rate schedule start afresh."""
+        start = load_checkpoint(path, self.device)
+        if start.model.quantization:
+            raise TinyLLMError(f"checkpoint {path} is {start.model.quantization}-quantized, which "
+                               "cannot be trained; fine-tune from the float checkpoint it came from")
+        inherited = ("model_size", *MODEL_FIELDS, "max_context", "tokenizer", "lowercase", "normalize_whitespace")
+        self.config = dataclasses.replace(self.config, **{f: getattr(start.config, f) for f in inherited})
+        return start
 
     def _check_out_dir(self, overwrite: bool) -> None:
         """Refuse to clobber an earlier run unless asked (the old files go only when training starts)."""
@@ -770,9 +966,13 @@ class Trainer:
         logger.setLevel(logging.INFO)
         self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if self.config.metrics_csv_enabled else None
 
-    def _build_model(self) -> None:
-        """The model, its compiled training view, the optimizer and (for float16) a gradient scaler."""
-        self.model = TransformerModel.from_config(self.config, self.tokenizer.vocab_size).to(self.device)
+    def _build_model(self, model: Optional[TransformerModel] = None) -> None:
+        """The model (new, or one to fine-tune, with rows for tokens its vocabulary lacked), its
+        compiled training view, the optimizer and (for float16) a gradient scaler."""
+        self.model = model or TransformerModel.from_config(self.config, self.tokenizer.vocab_size)
+        self.model.to(self.device)
+        if self.model.hparams["vocab_size"] < self.tokenizer.vocab_size:
+            self.model.grow_vocabulary(self.tokenizer.vocab_size)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 products
         # Compiling fuses the small operations between matrix products; evaluation and sampling
@@ -867,6 +1067,8 @@ class Trainer:
         self.tokenizer.save_state(self.out_dir / "tokenizer.json")
         logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
                     len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
+        if c.init_from:
+            logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
         logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters",
                     c.model_size, c.n_layer, c.n_head, c.n_embd, c.max_context,
                     f"{self.model.num_parameters():,}")
@@ -1001,6 +1203,13 @@ class Trainer:
                         step=self.step, epoch=self.epoch, best_val_loss=self.best_val_loss)
         self.save_seconds = time.perf_counter() - started
 
+    def _plot(self) -> None:
+        self.metrics.file.flush()
+        try:
+            logger.info("loss curves drawn in %s", plot_losses(self.out_dir))
+        except TinyLLMError as e:  # a missing optional dependency must not fail a finished run
+            logger.warning("no loss.png: %s", e)
+
     def _finish(self, stopped_because: str) -> dict:
         """Write last.pt, score the best model on the whole validation split, sample, summarise."""
         train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
@@ -1023,6 +1232,8 @@ class Trainer:
         }
         with atomic_write(self.out_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
+        if self.metrics:
+            self._plot()
         logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f, "
                     "%.0f tokens/s, MFU %.1f%%", self.step, stopped_because, summary["elapsed_seconds"],
                     self.best_val_loss, full_val_loss, tokens_per_second, 100 * summary["mfu"])
@@ -1056,6 +1267,37 @@ class MetricsLogger:
         self.file.close()
 
 
+def plot_losses(out_dir: PathLike) -> Path:
+    """Draw train and validation loss against step from `out_dir`/metrics.csv into loss.png."""
+    try:  # an optional dependency; Figure without pyplot leaves any global plotting state alone
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise TinyLLMError("loss.png needs matplotlib: pip install 'tinyllm[plot]' "
+                           "(or pip install matplotlib)") from None
+    metrics = Path(out_dir) / "metrics.csv"
+    try:
+        with open(metrics, newline="", encoding="utf-8") as f:
+            rows = [(int(r["step"]), float(r["train_loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise TinyLLMError(f"{metrics} does not exist; point --out-dir at a training run") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise TinyLLMError(f"{metrics} is malformed ({e})") from None
+    if not rows:
+        raise TinyLLMError(f"{metrics} has no rows yet; a run logs one at each validation")
+    steps, train_losses, val_losses = zip(*rows)
+    figure = Figure(figsize=(7, 4), layout="tight")
+    axes = figure.subplots()
+    axes.plot(steps, train_losses, label="train (mean since the last validation)")
+    axes.plot(steps, val_losses, label="validation")
+    axes.set(xlabel="step", ylabel="loss (nats per token)", title=f"training run in {out_dir}")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path = Path(out_dir) / "loss.png"
+    with atomic_write(path) as f:
+        figure.savefig(f, format="png", dpi=120)
+    return path
+
+
 @dataclass
 class Checkpoint:
     """What `load_checkpoint` returns: the rebuilt model and tokenizer and the training state."""
@@ -1078,6 +1320,7 @@ def save_checkpoint(path: PathLike, model: TransformerModel, optimizer: Optional
         "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
         "config": config.to_dict(), "tokenizer": {"type": tokenizer.type_name, **tokenizer.state()},
         "step": step, "epoch": epoch, "best_val_loss": float(best_val_loss),
+        "quantization": model.quantization,
     }
     with atomic_write(path) as f:
         torch.save(state, f)
@@ -1099,6 +1342,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         tokenizer = TOKENIZERS[state["tokenizer"]["type"]]()
         tokenizer.set_state(state["tokenizer"])
         model = TransformerModel(**state["model_args"])
+        if state.get("quantization") == "int8":
+            quantize_int8(model)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise TinyLLMError(f"checkpoint {path} is inconsistent ({str(e).splitlines()[0][:200]})") from None

@@ -1,7 +1,10 @@
-"""Train a character-level transformer on Tiny Shakespeare (or any UTF-8 text), or sample from one.
+"""Train a character-level transformer on Tiny Shakespeare (or any UTF-8 text), or use one.
 
     python train_shakespeare.py                        # download the text if needed, train, sample
-    python train_shakespeare.py --generate --prompt "ROMEO:"
+    python train_shakespeare.py --generate --prompt "ROMEO:" --top-p 0.9
+    python train_shakespeare.py --init-from out/best.pt --data my.txt --out-dir out/mine
+    python train_shakespeare.py --evaluate --quantize int8
+    python train_shakespeare.py --plot --out-dir out/mine
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from tqdm import tqdm
 
 import tinyllm
@@ -33,7 +37,8 @@ CONFIG_FLAGS = {
     "sample_frequency": "sample_frequency", "temperature": "temperature",
     "metrics_csv": "metrics_csv_enabled", "lowercase": "lowercase",
     "normalize_whitespace": "normalize_whitespace", "seed": "seed", "device": "device",
-    "dtype": "dtype", "compile": "compile", "out_dir": "out_dir",
+    "dtype": "dtype", "compile": "compile", "out_dir": "out_dir", "n_layer": "n_layer",
+    "n_head": "n_head", "n_embd": "n_embd", "dropout": "dropout", "init_from": "init_from",
 }
 
 
@@ -53,21 +58,30 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--tokenizer", help=f"tokenizer: {', '.join(tinyllm.TOKENIZERS.names())}")
     for flag, kind in [("epochs", int), ("max-steps", int), ("time-budget", float), ("batch-size", int),
                        ("learning-rate", float), ("max-context", int), ("val-frequency", int),
-                       ("sample-frequency", int), ("temperature", float), ("seed", int)]:
+                       ("sample-frequency", int), ("temperature", float), ("seed", int),
+                       ("n-layer", int), ("n-head", int), ("n-embd", int), ("dropout", float)]:
         p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--init-from", help="fine-tune this checkpoint on --data (fresh optimizer and schedule)")
     for flag in ("metrics-csv", "lowercase", "normalize-whitespace", "compile"):
         p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", choices=tinyllm.DEVICES)
     p.add_argument("--dtype", choices=list(tinyllm.DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bar; console shows warnings only")
     p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out-dir")
-    p.add_argument("--benchmark", action="store_true",
-                   help="print training tokens/s and MFU for the configured model (median of 3), then exit")
-    g = p.add_argument_group("generation")
-    g.add_argument("--generate", action="store_true", help="sample from a trained model instead of training")
-    g.add_argument("--checkpoint", type=Path, help="checkpoint to sample from (default: <out-dir>/best.pt)")
+    p.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of "
+                   "3), or with --generate tokens/s with and without the KV cache, then exit")
+    p.add_argument("--plot", action="store_true", help="draw loss.png from <out-dir>/metrics.csv, then exit")
+    g = p.add_argument_group("using a trained model")
+    g.add_argument("--generate", action="store_true", help="stream a sample instead of training")
+    g.add_argument("--evaluate", action="store_true", help="print the checkpoint's full validation loss on --data")
+    g.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: <out-dir>/best.pt)")
+    g.add_argument("--quantize", choices=["int8"], help="int8 weights: with --generate or --evaluate, "
+                   "in memory; alone, write <checkpoint>.int8.pt")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--num-chars", type=int, default=500, help="how many tokens to generate")
+    g.add_argument("--num-chars", type=int, default=500, help="how many tokens (characters) to generate")
+    g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (1: greedy)")
+    g.add_argument("--top-p", type=float, help="sample only from the most likely tokens holding this mass")
+    g.add_argument("--stop", action="append", default=[], help="end before this string (repeatable)")
     return p.parse_args(argv)
 
 
@@ -109,18 +123,86 @@ def shakespeare_text(path: Path) -> str:
     return tinyllm.load_text(path)
 
 
-def generate(args: argparse.Namespace) -> None:
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """--checkpoint, or <out-dir>/best.pt; it must exist."""
     path = args.checkpoint or Path(args.out_dir or "out") / "best.pt"
     if not path.exists():
         raise tinyllm.TinyLLMError(f"no checkpoint at {path}; train first or pass --checkpoint PATH")
+    return path
+
+
+def load_for_inference(args: argparse.Namespace) -> tinyllm.Checkpoint:
+    """The checkpoint to use, int8-quantized if asked."""
+    checkpoint = tinyllm.load_checkpoint(checkpoint_path(args), tinyllm.resolve_device(args.device or "auto"))
+    if args.quantize and not checkpoint.model.quantization:
+        tinyllm.quantize_int8(checkpoint.model)
+    return checkpoint
+
+
+def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, **options):
+    """The prompt (as the model sees it) and an iterator over the text generated after it."""
     if args.num_chars <= 0:
         raise tinyllm.TinyLLMError(f"--num-chars must be positive, got {args.num_chars}")
-    checkpoint = tinyllm.load_checkpoint(path, tinyllm.resolve_device(args.device or "auto"))
     config = checkpoint.config
+    prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
     temperature = args.temperature if args.temperature is not None else config.temperature
-    print(tinyllm.sample_text(checkpoint.model, checkpoint.tokenizer, args.prompt, args.num_chars,
-                              temperature, lowercase=config.lowercase,
-                              normalize_whitespace=config.normalize_whitespace, seed=args.seed))
+    pieces = tinyllm.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, args.num_chars,
+                                 temperature, args.top_k, args.top_p, args.stop, **prep, **options)
+    return tinyllm.prepare_text(args.prompt, **prep), pieces
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Print the prompt, then each piece of the continuation as soon as it is generated."""
+    prompt, pieces = generation_stream(args, load_for_inference(args), seed=args.seed)
+    first = next(pieces, "")  # a bad prompt fails here, before anything is printed
+    print(prompt + first, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def benchmark_generation(args: argparse.Namespace) -> None:
+    """Tokens/s generating --num-chars tokens with and without the KV cache (median of 3)."""
+    checkpoint = load_for_inference(args)
+    rates = {}
+    for use_cache in (True, False):
+        runs = []
+        for seed in range(3):
+            _, pieces = generation_stream(args, checkpoint, seed=seed, use_cache=use_cache)
+            start = time.perf_counter()
+            text = "".join(pieces)
+            runs.append(len(checkpoint.tokenizer.encode(text)) / (time.perf_counter() - start))
+        rates[use_cache] = sorted(runs)[1]
+    print(f"{checkpoint.model.num_parameters():,} parameters{', int8' if checkpoint.model.quantization else ''}, "
+          f"{args.num_chars} tokens: {rates[True]:,.0f} tokens/s with the KV cache, {rates[False]:,.0f} "
+          f"without; {rates[True] / rates[False]:.1f}x faster")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """The full validation loss of a checkpoint on the validation split of --data, as training scores it."""
+    checkpoint = load_for_inference(args)
+    config = checkpoint.config
+    text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
+    text = tinyllm.prepare_text(text, config.lowercase, config.normalize_whitespace)
+    ids = torch.tensor(checkpoint.tokenizer.encode(text), dtype=torch.long)
+    _, val_ids = tinyllm.split_train_val(ids, config.val_fraction, config.max_context)
+    start = time.perf_counter()
+    loss = tinyllm.evaluate_full(checkpoint.model, val_ids, config.batch_size)
+    print(f"full validation loss {loss:.4f} on {len(val_ids):,} tokens ({time.perf_counter() - start:.1f} s, "
+          f"{checkpoint.model.quantization or 'float'} weights)")
+
+
+def quantize(args: argparse.Namespace) -> None:
+    """Write an int8 copy of the checkpoint (weights only, no optimizer state) beside it."""
+    source = checkpoint_path(args)
+    checkpoint = tinyllm.load_checkpoint(source)
+    float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.model.state_dict().values())
+    tinyllm.quantize_int8(checkpoint.model)
+    target = source.with_suffix(".int8.pt")
+    tinyllm.save_checkpoint(target, checkpoint.model, None, checkpoint.config, checkpoint.tokenizer,
+                            checkpoint.step, checkpoint.epoch, checkpoint.best_val_loss)
+    print(f"wrote {target}: {target.stat().st_size / 1e6:.2f} MB; {source} is "
+          f"{source.stat().st_size / 1e6:.2f} MB, of which {float_bytes / 1e6:.2f} MB float weights")
 
 
 def benchmark(args: argparse.Namespace) -> None:
@@ -161,8 +243,14 @@ def train(args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        if args.generate:
-            generate(args)
+        if args.plot:
+            print(f"wrote {tinyllm.plot_losses(args.out_dir or 'out')}")
+        elif args.generate:
+            benchmark_generation(args) if args.benchmark else generate(args)
+        elif args.evaluate:
+            evaluate(args)
+        elif args.quantize:
+            quantize(args)
         else:
             benchmark(args) if args.benchmark else train(args)
     except tinyllm.TinyLLMError as e:
