@@ -1,5 +1,6 @@
 """Tests for tinyllm: properties (hypothesis), behaviour, and the command line end to end."""
 import csv
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -8,10 +9,13 @@ import json
 import math
 import os
 import pickle
+import random
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +144,10 @@ def test_config_file_fields_are_overridden_by_keyword_overrides(tmp_path):
     ({"val_fraction": 0.0}, "val_fraction"),
     ({"val_fraction": 0.6}, "val_fraction"),
     ({"dropout": 1.0}, "dropout"),
+    ({"seed": -1}, "'seed' must be in"),
+    ({"device": "cuda:x"}, "unknown device"),
+    ({"checkpoint_frequency": 0}, "'checkpoint_frequency' must be positive"),
+    ({"learning_rate": 10**400}, "'learning_rate' must be positive"),
     ({"model_size": "huge"}, "unknown model size"),
     ({"tokenizer": "words"}, "unknown tokenizer"),
     ({"device": "tpu"}, "unknown device"),
@@ -148,6 +156,40 @@ def test_config_file_fields_are_overridden_by_keyword_overrides(tmp_path):
 def test_bad_configs_raise_tinyllm_error(fields, message):
     with pytest.raises(TinyLLMError, match=message):
         TrainingConfig.from_dict(fields)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+CONFIG_KEYS = st.sampled_from([f.name for f in dataclasses.fields(TrainingConfig)]) | st.text(max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(CONFIG_KEYS, JSON_VALUES, max_size=6) | JSON_VALUES)
+def test_any_json_config_file_loads_or_raises_tinyllm_error(data):
+    path = Path(tempfile.mkdtemp()) / "config.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    try:
+        config = TrainingConfig.from_json(path)
+    except TinyLLMError:
+        return
+    assert isinstance(config, TrainingConfig) and isinstance(data, dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.fixed_dictionaries({}, optional={"type": st.just("char") | JSON_VALUES, "version": st.just(1) | JSON_VALUES,
+                                           "chars": st.lists(st.text(max_size=2), max_size=5) | JSON_VALUES})
+       | JSON_VALUES, st.booleans())
+def test_any_json_tokenizer_file_loads_or_raises_tinyllm_error(data, truncate):
+    path = Path(tempfile.mkdtemp()) / "tokenizer.json"
+    text = json.dumps(data)
+    path.write_text(text[:len(text) // 2] if truncate else text, encoding="utf-8")
+    try:
+        tokenizer = tinyllm.load_tokenizer(path)
+    except TinyLLMError:
+        return
+    assert tokenizer.decode(tokenizer.encode("".join(tokenizer.chars))) == "".join(tokenizer.chars)
 
 
 def test_config_file_that_is_not_an_object_is_refused(tmp_path):
@@ -647,7 +689,7 @@ def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "tinyllm-checkpoint", "x": Boom()}, protocol=2))
-    with pytest.raises(TinyLLMError, match="cannot be loaded safely"):
+    with pytest.raises(TinyLLMError, match=r"cannot be loaded safely: it holds a pickled \w+\.system, which could run code"):
         tinyllm.load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04truncated")
@@ -779,18 +821,197 @@ def test_cli_benchmark_prints_throughput(tmp_path):
     assert "tokens/s" in result.stdout and "MFU" in result.stdout and not list(tmp_path.glob("out*"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "abc"], "invalid int value"),
-    (["--batch-size", "-4"], "'batch_size' must be positive"),
-    (["--size", "huge"], "unknown model size"),
-    (["--data", "no/such/file.txt"], "does not exist"),
-    (["--generate", "--checkpoint", "no/such.pt"], "no checkpoint"),
-    (["--plot"], "does not exist"),
-])
-def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+# ---------------------------------------------------------------------------------------------
+# Crash safety, exact resume, and bad input
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def long_run_args(tmp_path, **changes):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    flags = {"--data": tmp_path / "play.txt", "--size": "tiny", "--max-context": 32, "--batch-size": 8,
+             "--epochs": 10_000, "--max-steps": 600, "--val-frequency": 50, "--checkpoint-frequency": 20,
+             "--sample-frequency": 250, "--seed": 5, **changes}
+    return [*(str(part) for item in flags.items() for part in item), "--quiet", "--no-compile"]
+
+
+def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path):
+    args = long_run_args(tmp_path)
+    whole = run_cli(*args, "--out-dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    process = start_cli(*args, "--out-dir", cut)
+    wait_for(lambda: (cut / "last.pt").exists())
+    time.sleep(random.uniform(0.0, 0.5))  # a random step after the first checkpoint
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = tinyllm.load_checkpoint(cut / "last.pt").step
+    assert 20 <= killed_at < 600
+    resumed = run_cli("--resume", "--out-dir", cut, "--data", tmp_path / "play.txt", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (tinyllm.load_checkpoint(d / "last.pt") for d in (tmp_path / "whole", cut))
+    assert a.step == b.step == 600, f"killed at step {killed_at}"
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), f"{name} differs (killed at step {killed_at})"
+    for key in ("full_val_loss", "best_val_loss", "final_val_loss", "steps", "tokens_seen", "sample"):
+        assert json.loads((cut / "summary.json").read_text())[key] == \
+            json.loads((tmp_path / "whole" / "summary.json").read_text())[key]
+    rows = [[(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(open(d / "metrics.csv"))]
+            for d in (tmp_path / "whole", cut)]
+    assert rows[0] == rows[1] and len(rows[0]) == 12  # no row lost or logged twice
+
+
+def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
+    config = tiny_config(tmp_path, max_steps=30, checkpoint_frequency=10, time_budget=100.0)
+    first = tinyllm.Trainer(config, PLAY, progress=False, quiet=True)
+    first.train()
+    resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False), PLAY, progress=False,
+                              resume=True)
+    assert resumed.step == 30 and resumed.config.time_budget == 100.0
+    assert resumed.elapsed_before > 0 and resumed.config.n_embd == 32
+    with pytest.raises(TinyLLMError, match="the text differs"):
+        tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False), PLAY + "more", progress=False,
+                        resume=True)
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_last_pt_and_says_how_to_resume(tmp_path, signal_number, exit_code):
+    out = tmp_path / "out"
+    process = start_cli(*long_run_args(tmp_path, **{"--max-steps": 10**6}), "--out-dir", out)
+    wait_for(lambda: (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) > 1)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == exit_code, stderr
+    assert "Traceback" not in stderr + stdout
+    stopped_at = tinyllm.load_checkpoint(out / "last.pt").step
+    log = (out / "tinyllm_training.log").read_text()
+    assert f"stopped by {signal.Signals(signal_number).name} after step {stopped_at}" in log and "--resume" in log
+    assert stopped_at >= 50 and not (out / "summary.json").exists()
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_spares_the_checkpoints(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, max_steps=100, val_frequency=10, checkpoint_frequency=10)
+    trainer = tinyllm.Trainer(config, PLAY, progress=False, quiet=True)
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda x, y, lr: real_step(x, y, lr) * (
+        math.nan if trainer.step + 1 == 25 else 1.0))
+    with pytest.raises(TinyLLMError, match="loss became nan at step 25"):
+        trainer.train()
+    for name in ("best.pt", "last.pt"):
+        saved = tinyllm.load_checkpoint(tmp_path / "out" / name)
+        assert saved.step == 20 and all(torch.isfinite(p).all() for p in saved.model.parameters())
+
+
+def test_cli_stops_an_exploding_run_with_exit_code_2(tmp_path):
+    (tmp_path / "noclip.json").write_text('{"grad_clip": null, "warmup_steps": 0}')
+    result = run_cli(*long_run_args(tmp_path, **{"--learning-rate": 1e9, "--config": tmp_path / "noclip.json"}),
+                     "--out-dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "loss became nan at step" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """An out-dir holding an earlier run's files, which no bad command may change."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("best.pt", "config.json", "metrics.csv", "tinyllm_training.log"):
+        (out / name).write_text(f"precious {name}")
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    return tmp_path
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line must say)
+    (["--data", "missing.txt", "--overwrite"], "does not exist"),
+    (["--data", "empty.txt", "--overwrite"], "is empty"),
+    (["--data", "binary.bin", "--overwrite"], "looks binary"),
+    (["--data", "latin1.txt", "--overwrite"], "is not UTF-8"),
+    (["--data", "short.txt", "--overwrite"], "text too short"),
+    (["--data", ".", "--overwrite"], "is a directory"),
+    (["--data", "play.txt", "--out-dir", "play.txt"], "cannot create output directory"),
+    (["--data", "play.txt", "--config", "not_json.json", "--overwrite"], "not valid JSON"),
+    (["--data", "play.txt", "--config", "unknown_key.json", "--overwrite"], "unknown key(s) colour"),
+    (["--data", "play.txt", "--config", "wrong_type.json", "--overwrite"], "'epochs' must be int"),
+    (["--data", "play.txt", "--config", "impossible.json", "--overwrite"], "divisible"),
+    (["--data", "play.txt", "--size", "huge", "--overwrite"], "unknown model size 'huge'"),
+    (["--data", "play.txt", "--tokenizer", "words", "--overwrite"], "unknown tokenizer 'words'"),
+    (["--data", "play.txt", "--n-layer", "0", "--overwrite"], "'n_layer' must be positive"),
+    (["--data", "play.txt", "--batch-size", "-8", "--overwrite"], "'batch_size' must be positive"),
+    (["--data", "play.txt", "--learning-rate", "0", "--overwrite"], "'learning_rate' must be positive"),
+    (["--data", "play.txt", "--temperature", "-1", "--overwrite"], "'temperature' must be positive"),
+    (["--data", "play.txt", "--time-budget", "0", "--overwrite"], "'time_budget' must be positive"),
+    (["--data", "play.txt", "--size", "tiny"], "pass --resume to continue it"),
+    (["--generate"], "best.pt cannot be loaded safely: it is truncated, corrupted or not a PyTorch"),
+    (["--generate", "--checkpoint", "best.pt"], "no checkpoint at"),
+    (["--generate", "--checkpoint", "model.pt", "--prompt", "ROMEO: ¿sé?"], "never saw"),
+    (["--generate", "--checkpoint", "model.pt", "--temperature", "0"], "temperature must be positive"),
+    (["--data", "play.txt", "--resume"], "nothing to resume"),
+    (["--data", "play.txt", "--resume", "--epochs", "3"], "--resume continues a run with the settings"),
+    (["--batch-size", "many"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(earlier_run, trained_run, args, message,
+                                                              monkeypatch, capsys):
+    """In-process for speed: any exception other than the handled ones would fail the test."""
+    tmp = earlier_run
+    (tmp / "empty.txt").write_text("  \n")
+    (tmp / "binary.bin").write_bytes(b"\x00\x01binary")
+    (tmp / "latin1.txt").write_bytes("café crème\n".encode("latin-1") * 100)
+    (tmp / "short.txt").write_text("too short\n")
+    (tmp / "not_json.json").write_text("{epochs: 3")
+    (tmp / "unknown_key.json").write_text('{"colour": "red"}')
+    (tmp / "wrong_type.json").write_text('{"epochs": "ten"}')
+    (tmp / "impossible.json").write_text('{"n_embd": 30, "n_head": 4}')
+    (tmp / "model.pt").write_bytes((trained_run[0] / "out" / "best.pt").read_bytes())
+    before = snapshot(tmp / "out")
+    monkeypatch.chdir(tmp)
+    try:
+        code = train_shakespeare.main(["--out-dir", "out", *args])
+    except SystemExit as e:  # argparse's way out
+        code = e.code
+    stderr = capsys.readouterr().err
+    assert code == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert snapshot(tmp / "out") == before
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, progress=False, quiet=True).train()
+    before = snapshot(tmp_path / "out")
     (tmp_path / "play.txt").write_text(PLAY)
-    data = [] if "--data" in args or "--generate" in args else ["--data", tmp_path / "play.txt"]
-    result = run_cli(*data, *args, "--out-dir", tmp_path / "out", cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    code = train_shakespeare.main(["--resume", "--out-dir", str(tmp_path / "out"), "--data",
+                                   str(tmp_path / "play.txt"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
+    for name in ("best.pt", "last.pt", "summary.json"):
+        assert (tmp_path / "out" / name).read_bytes() == before[name]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_checkpoint_whose_config_and_weights_disagree_is_refused(tmp_path):
+    model = tiny_model(vocab_size=5, n_layer=2, n_head=2, n_embd=16)
+    config = TrainingConfig(model_size="tiny", n_layer=3, n_embd=16, max_context=16)
+    tinyllm.save_checkpoint(tmp_path / "odd.pt", model, None, config, CharacterTokenizer("abcde"))
+    with pytest.raises(TinyLLMError, match="odd.pt is inconsistent: its config has n_layer 3"):
+        tinyllm.load_checkpoint(tmp_path / "odd.pt")

@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 __all__ = [
-    "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer", "CharacterTokenizer",
+    "TinyLLMError", "TrainingInterrupted", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer", "CharacterTokenizer",
     "load_tokenizer", "TrainingConfig", "prepare_text", "load_text", "split_train_val",
     "TokenWindows", "TransformerModel", "KVCache", "generate", "generate_tokens", "stream_text",
     "sample_text", "evaluate_full", "Trainer",
@@ -47,6 +51,15 @@ logger = logging.getLogger("tinyllm")
 
 class TinyLLMError(ValueError):
     """A user mistake: the message says what was wrong and how to fix it."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM after saving last.pt; `exit_code` follows the
+    shell's convention of 128 + the signal number (130, 143)."""
+
+    def __init__(self, signal_number: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
 
 
 class Registry:
@@ -231,6 +244,7 @@ class TrainingConfig:
     learning_rate: float = 4e-3
     max_context: int = 128
     val_frequency: int = 500
+    checkpoint_frequency: int = 500  # last.pt every this many steps, so a crash loses no more
     sample_frequency: int = 1000
     temperature: float = 0.8
     metrics_csv_enabled: bool = True
@@ -277,14 +291,14 @@ class TrainingConfig:
             if value is None and optional:
                 continue
             if base is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                value = float(value) if abs(value) < 1e300 else math.inf  # inf fails the value checks
                 setattr(self, field, value)
             if not isinstance(value, base) or (base is int and isinstance(value, bool)):
                 raise TinyLLMError(f"config field {field!r} must be {base.__name__}"
                                    f"{' or null' if optional else ''}, got {value!r}")
 
     def _check_values(self) -> None:
-        positive = ["epochs", "batch_size", "learning_rate", "max_context", "val_frequency",
+        positive = ["epochs", "batch_size", "learning_rate", "max_context", "val_frequency", "checkpoint_frequency",
                     "sample_frequency", "temperature", "n_layer", "n_head", "n_embd",
                     "val_batches", "sample_length", "max_steps", "time_budget", "grad_clip",
                     "early_stopping_patience"]
@@ -300,8 +314,13 @@ class TrainingConfig:
         if not 0 < self.val_fraction <= 0.5:
             raise TinyLLMError(f"config field 'val_fraction' must be in (0, 0.5], got {self.val_fraction!r}")
         check_head_size(self.n_embd, self.n_head)
-        if self.device.split(":")[0] not in DEVICES:
-            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
+        if not 0 <= self.seed < 2**32:
+            raise TinyLLMError(f"config field 'seed' must be in [0, 2**32), got {self.seed!r}")
+        if not self.out_dir:
+            raise TinyLLMError("config field 'out_dir' must name a directory, got ''")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)} "
+                               "(or cuda:N)")
         if self.dtype not in DTYPES:
             raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         TOKENIZERS[self.tokenizer]  # raises TinyLLMError listing the known names
@@ -405,7 +424,8 @@ def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: to
     windows = TokenWindows(ids, context, offset)
     batches = BatchSampler(RandomSampler(windows, generator=generator), batch_size,
                            drop_last=len(windows) >= batch_size)
-    return DataLoader(windows, sampler=batches, batch_size=None)
+    # The loader draws a seed for its workers from `generator` too, so the global RNG is left alone.
+    return DataLoader(windows, sampler=batches, batch_size=None, generator=generator)
 
 
 def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: int, seed: int) -> list:
@@ -882,6 +902,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> dict:
+    """The states of Python's, NumPy's and torch's random generators, as tensors and plain data,
+    so that a checkpoint holding them still loads with weights_only=True."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                      float(cached_gaussian)],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Remove the metrics rows logged after `step`: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise TinyLLMError(f"{path} is malformed ({e}); move it away to resume") from None
+    with atomic_write(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=MetricsLogger.COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 class Trainer:
     """Owns one training run: data, model, optimizer, the loop, validation, samples and files.
 
@@ -892,16 +947,22 @@ class Trainer:
                  "metrics.csv", "samples.txt", "summary.json", "loss.png")
 
     def __init__(self, config: TrainingConfig, text: str, *, progress: Optional[bool] = None,
-                 quiet: bool = False, overwrite: bool = False):
+                 quiet: bool = False, overwrite: bool = False, resume: bool = False):
+        """With `resume`, continue the run in config.out_dir from its last.pt with that run's settings;
+        only out_dir, device and compile (where and how to run, not what to compute) come from `config`."""
         self.config, self.quiet = config, quiet
         self.progress = (sys.stdout.isatty() and not quiet) if progress is None else progress
         self.out_dir = Path(config.out_dir)
-        self._check_out_dir(overwrite)
+        self._check_out_dir(overwrite, resume)
+        saved = load_checkpoint(self.out_dir / "last.pt") if resume else None
+        if saved:
+            self.config = config = dataclasses.replace(saved.config, out_dir=config.out_dir,
+                                                       device=config.device, compile=config.compile)
         seed_everything(config.seed)
         self.device = resolve_device(config.device)
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
-        start = self._fine_tuning_start(config.init_from) if config.init_from else None
+        start = saved or (self._fine_tuning_start(config.init_from) if config.init_from else None)
         config = self.config
         text = prepare_text(text, config.lowercase, config.normalize_whitespace)
         if start is None:
@@ -909,6 +970,7 @@ class Trainer:
         else:
             self.tokenizer, self.added_tokens = start.tokenizer, start.tokenizer.extend(text)
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        self.data_sha256 = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
         train_ids, val_ids = split_train_val(ids, config.val_fraction, config.max_context)
         self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
         self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
@@ -924,8 +986,13 @@ class Trainer:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self._build_model(start.model if start else None)
-        self.step, self.epoch, self.tokens_seen = 0, 0, 0
-        self.best_val_loss, self.last_val_loss, self.bad_validations = math.inf, math.nan, 0
+        self.step, self.epoch, self.epochs_completed, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0, 0
+        self.best_val_loss, self.last_val_loss, self.last_val_step, self.bad_validations = math.inf, math.nan, -1, 0
+        self.recent_losses: List[torch.Tensor] = []  # each step's loss since the last validation
+        self.epoch_rng_state = self.generator.get_state()  # replayed on resume to cut the same batches
+        self.elapsed_before, self.untimed_before = 0.0, 0.0
+        if saved:
+            self._restore(saved)
 
     def _fine_tuning_start(self, path: str) -> Checkpoint:
         """Fine-tuning keeps the saved model's architecture, tokenizer and text preprocessing; the
@@ -938,22 +1005,64 @@ class Trainer:
         self.config = dataclasses.replace(self.config, **{f: getattr(start.config, f) for f in inherited})
         return start
 
-    def _check_out_dir(self, overwrite: bool) -> None:
+    def _check_out_dir(self, overwrite: bool, resume: bool) -> None:
         """Refuse to clobber an earlier run unless asked (the old files go only when training starts)."""
+        if overwrite and resume:
+            raise TinyLLMError("--resume continues a run and --overwrite replaces it; choose one")
+        if resume and not (self.out_dir / "last.pt").is_file():
+            raise TinyLLMError(f"nothing to resume: {self.out_dir / 'last.pt'} does not exist; "
+                               "start a new run without --resume")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TinyLLMError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
         existing = [f for f in self.RUN_FILES if (self.out_dir / f).exists()]
-        if existing and not overwrite:
+        if existing and not (overwrite or resume):
             raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); "
-                               "choose another --out-dir or pass --overwrite")
+                               "pass --resume to continue it, another --out-dir, or --overwrite to replace it")
         if not os.access(self.out_dir, os.W_OK):
             raise TinyLLMError(f"output directory {self.out_dir} is not writable; choose another --out-dir")
 
-    def _open_outputs(self) -> None:
-        """Clear an overwritten run's files, then start the log file and the metrics CSV."""
-        for name in self.RUN_FILES:
+    def _restore(self, saved: Checkpoint) -> None:
+        """Put the run back exactly where last.pt left it: optimizer, schedule, position in the
+        epoch, validation history, timers and every random number generator."""
+        path, state = self.out_dir / "last.pt", saved.training_state
+        if not state or not saved.optimizer_state:
+            raise TinyLLMError(f"{path} holds no training state to resume from")
+        if state.get("data_sha256") != self.data_sha256:
+            raise TinyLLMError(f"the text differs from the one the run in {self.out_dir} was trained on; "
+                               "pass the same --data to resume it")
+        try:
+            self.optimizer.load_state_dict(saved.optimizer_state)
+            self.scaler.load_state_dict(state["scaler"])
+            self.step, self.epoch, self.best_val_loss = saved.step, saved.epoch, saved.best_val_loss
+            for name in ("epochs_completed", "batch_in_epoch", "tokens_seen", "bad_validations",
+                         "last_val_loss", "last_val_step", "epoch_rng_state"):
+                setattr(self, name, state[name])
+            self.recent_losses = list(state["recent_losses"].to(self.device))
+            self.elapsed_before, self.untimed_before = state["elapsed_seconds"], state["untimed_seconds"]
+            set_rng_states(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise TinyLLMError(f"{path} cannot be resumed from ({str(e).splitlines()[0][:200]})") from None
+
+    def _training_state(self) -> dict:
+        """What `_restore` needs beyond the model, optimizer and step: tensors and plain data only."""
+        return {
+            "epochs_completed": self.epochs_completed, "batch_in_epoch": self.batch_in_epoch,
+            "tokens_seen": self.tokens_seen,
+            "bad_validations": self.bad_validations, "last_val_loss": self.last_val_loss,
+            "last_val_step": self.last_val_step, "epoch_rng_state": self.epoch_rng_state,
+            "recent_losses": torch.stack(self.recent_losses).cpu() if self.recent_losses else torch.zeros(0),
+            "elapsed_seconds": time.perf_counter() - self.start_time, "untimed_seconds": self.untimed_seconds,
+            "scaler": self.scaler.state_dict(), "data_sha256": self.data_sha256, "rng": rng_states(),
+        }
+
+    def _open_outputs(self, resume: bool) -> None:
+        """Clear an overwritten run's files (or, resuming, the metrics logged after last.pt), then
+        start the log file and the metrics CSV."""
+        if resume:
+            drop_metrics_after(self.out_dir / "metrics.csv", self.step)
+        for name in () if resume else self.RUN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (self.out_dir / name).unlink()
         file_handler = logging.FileHandler(self.out_dir / "tinyllm_training.log", encoding="utf-8")
@@ -1047,10 +1156,12 @@ class Trainer:
         return torch.stack(losses).mean().item()
 
     def train(self) -> dict:
-        """Run the whole training loop and write every output file; return the summary."""
+        """Run the whole training loop and write every output file; return the summary.
+
+        Raises TrainingInterrupted after saving last.pt if SIGINT or SIGTERM arrives."""
         self.metrics, self.log_handlers = None, []
         try:
-            self._open_outputs()
+            self._open_outputs(resume=self.step > 0)
             self._log_start()
             stopped_because = self._loop()
             return self._finish(stopped_because)
@@ -1067,7 +1178,10 @@ class Trainer:
         self.tokenizer.save_state(self.out_dir / "tokenizer.json")
         logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
                     len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
-        if c.init_from:
+        if self.step:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d of it)", self.out_dir / "last.pt",
+                        self.step, self.epoch, self.batch_in_epoch)
+        elif c.init_from:
             logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
         logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters",
                     c.model_size, c.n_layer, c.n_head, c.n_embd, c.max_context,
@@ -1079,49 +1193,85 @@ class Trainer:
                     self.steps_per_epoch, self.total_steps, f", time budget {c.time_budget:g} s" if c.time_budget else "")
 
     def _loop(self) -> str:
-        """Train until epochs, max_steps, the time budget or early stopping ends it; validate last."""
-        self.start_time = time.perf_counter()
-        self.window = (self.start_time, 0)  # the time and tokens_seen that throughput is measured from
-        self.untimed_seconds, self.save_seconds, self.last_val_step = 0.0, 0.0, -1
-        self.running_loss, self.running_steps = torch.zeros((), device=self.device), 0
-        self.bar = tqdm(total=self.total_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
-        with self.bar:
+        """Train until epochs, max_steps, the time budget, early stopping or a signal ends it."""
+        now = time.perf_counter()
+        self.start_time = now - self.elapsed_before  # a resumed run's budget counts the time spent
+        self.window = (now, self.tokens_seen)  # the time and tokens_seen that throughput is measured from
+        self.untimed_seconds, self.save_seconds, self.first_step = self.untimed_before, 0.0, self.step + 1
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                        dynamic_ncols=True)
+        with self.bar, self._stop_on_signals():
             stopped_because = self._run_epochs()
-            if self.last_val_step != self.step:
-                self._validate()
+        if stopped_because == "interrupted":
+            self._save_last()
+            name = signal.Signals(self.stop_signal).name
+            message = (f"stopped by {name} after step {self.step}; {self.out_dir / 'last.pt'} holds the run. "
+                       "Continue it with --resume and the same --out-dir and --data")
+            logger.warning(message)
+            raise TrainingInterrupted(self.stop_signal, message)
+        if self.last_val_step != self.step:
+            self._validate()
         return stopped_because
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) and SIGTERM end the run after the current step instead of mid-step."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+            yield
+            return
+        def remember(signal_number: int, frame: Any) -> None:
+            self.stop_signal = signal_number
+        previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def _run_epochs(self) -> str:
         config = self.config
-        for self.epoch in range(config.epochs):
-            for x, y in epoch_loader(self.train_ids, config.max_context, config.batch_size, self.generator):
-                self.lr = self.learning_rate()
-                self.running_loss += self.train_step(x, y, self.lr)
-                self.running_steps += 1
-                self.step += 1
-                self.tokens_seen += y.numel()
-                self.bar.update()
-                if self.step == 1:
-                    self._log_first_step()
-                if self.step % config.val_frequency == 0:
-                    self._validate()
-                if self.step % config.sample_frequency == 0:
-                    self._sample()
+        for self.epoch in range(self.epochs_completed, config.epochs):
+            if self.batch_in_epoch == 0:
+                self.epoch_rng_state = self.generator.get_state()
+            self.generator.set_state(self.epoch_rng_state)  # resuming mid-epoch replays its shuffle
+            loader = epoch_loader(self.train_ids, config.max_context, config.batch_size, self.generator)
+            for x, y in itertools.islice(loader, self.batch_in_epoch, None):
                 stop = self._stop_reason()
                 if stop:
                     return stop
+                self.lr = self.learning_rate()
+                self.recent_losses.append(self.train_step(x, y, self.lr))
+                self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+                self.tokens_seen += y.numel()
+                self.bar.update()
+                self._after_step()
+            self.batch_in_epoch, self.epochs_completed = 0, self.epochs_completed + 1
         return "epochs"
+
+    def _after_step(self) -> None:
+        config = self.config
+        if self.step == self.first_step:
+            self._log_first_step()
+        if self.step % config.val_frequency == 0:
+            self._validate()
+        if self.step % config.sample_frequency == 0:
+            self._sample()
+        if self.step % config.checkpoint_frequency == 0:
+            self._save_last()
 
     def _log_first_step(self) -> None:
         """The first step compiles and warms up: report it, and keep it out of the tokens/s."""
         started = self.window[0]
-        self.running_loss.item()  # wait for the device
+        self.recent_losses[-1].item()  # wait for the device
         logger.info("first step took %.1f s (%s)", time.perf_counter() - started,
                     "compilation and warm-up" if self.compiled else "warm-up")
         self._exclude_from_throughput(started)
 
     def _stop_reason(self) -> Optional[str]:
         config = self.config
+        if self.stop_signal is not None:
+            return "interrupted"
         if config.max_steps is not None and self.step >= config.max_steps:
             return "max_steps"
         elapsed = time.perf_counter() - self.start_time
@@ -1148,14 +1298,24 @@ class Trainer:
                           * self.config.max_context + self.config.sample_length * self.config.max_context)
         return forward_tokens / max(forward_tokens_per_second, 1.0) + self.save_seconds
 
+    def _check_losses(self) -> None:
+        """Stop at a NaN or infinite loss, naming its step, before anything more is saved."""
+        if not self.recent_losses:
+            return
+        losses = torch.stack(self.recent_losses)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = int(bad[0])
+            raise TinyLLMError(f"training loss became {losses[first].item()} at step "
+                               f"{self.step - len(losses) + 1 + first}; lower --learning-rate or set "
+                               "grad_clip (best.pt and last.pt keep the last good state)")
+
     def _validate(self) -> None:
         """Validate, log a metrics row, save best.pt on improvement; stop on a NaN loss."""
         now = time.perf_counter()
         window_time, window_tokens = self.window
-        train_loss = self.running_loss.item() / max(1, self.running_steps)
-        if not math.isfinite(train_loss):
-            raise TinyLLMError(f"training loss became {train_loss} at step {self.step}; lower the "
-                               "--learning-rate or set grad_clip (best.pt was left as it was)")
+        self._check_losses()
+        train_loss = torch.stack(self.recent_losses).mean().item() if self.recent_losses else math.nan
         tokens_per_second = (self.tokens_seen - window_tokens) / max(now - window_time, 1e-9)
         self.last_val_loss, self.last_val_step = self.evaluate(), self.step
         if self.last_val_loss < self.best_val_loss:
@@ -1174,7 +1334,7 @@ class Trainer:
                              tokens_per_second=round(tokens_per_second, 1), elapsed_seconds=round(elapsed, 3))
         self.bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{self.last_val_loss:.3f}",
                              tok_s=f"{tokens_per_second:.0f}")
-        self.running_loss, self.running_steps = torch.zeros((), device=self.device), 0
+        self.recent_losses = []
         self._exclude_from_throughput(now)
 
     def _exclude_from_throughput(self, since: float) -> None:
@@ -1200,8 +1360,13 @@ class Trainer:
     def _save(self, name: str) -> None:
         started = time.perf_counter()
         save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.config, self.tokenizer,
-                        step=self.step, epoch=self.epoch, best_val_loss=self.best_val_loss)
+                        step=self.step, epoch=self.epoch, best_val_loss=self.best_val_loss,
+                        training_state=self._training_state())
         self.save_seconds = time.perf_counter() - started
+
+    def _save_last(self) -> None:
+        self._check_losses()
+        self._save("last.pt")
 
     def _plot(self) -> None:
         self.metrics.file.flush()
@@ -1213,7 +1378,7 @@ class Trainer:
     def _finish(self, stopped_because: str) -> dict:
         """Write last.pt, score the best model on the whole validation split, sample, summarise."""
         train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
-        self._save("last.pt")
+        self._save_last()
         best = load_checkpoint(self.out_dir / "best.pt", self.device).model
         self.model.load_state_dict(best.state_dict())
         full_val_loss = evaluate_full(self.model, self.val_ids, self.config.batch_size, self.autocast)
@@ -1222,7 +1387,7 @@ class Trainer:
         summary = {
             "best_val_loss": self.best_val_loss, "final_val_loss": self.last_val_loss,
             "full_val_loss": full_val_loss, "steps": self.step,
-            "epochs_completed": self.epoch + (1 if stopped_because == "epochs" else 0),
+            "epochs_completed": self.epochs_completed,
             "tokens_seen": self.tokens_seen, "tokens_per_second": round(tokens_per_second, 1),
             "mfu": round(self.mfu(tokens_per_second), 4), "peak_tflops": round(self.peak_flops / 1e12, 3),
             "elapsed_seconds": round(time.perf_counter() - self.start_time, 3),
@@ -1309,18 +1474,19 @@ class Checkpoint:
     step: int
     epoch: int
     best_val_loss: float
+    training_state: Optional[dict] = None  # what an exact resume needs (see Trainer._training_state)
 
 
 def save_checkpoint(path: PathLike, model: TransformerModel, optimizer: Optional[torch.optim.Optimizer],
                     config: TrainingConfig, tokenizer: Tokenizer, step: int = 0, epoch: int = 0,
-                    best_val_loss: float = math.inf) -> None:
+                    best_val_loss: float = math.inf, training_state: Optional[dict] = None) -> None:
     """Save weights, optimizer, config, tokenizer and progress as tensors and plain Python data."""
     state = {
         "format": "tinyllm-checkpoint", "version": 1, "model_args": dict(model.hparams),
         "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
         "config": config.to_dict(), "tokenizer": {"type": tokenizer.type_name, **tokenizer.state()},
         "step": step, "epoch": epoch, "best_val_loss": float(best_val_loss),
-        "quantization": model.quantization,
+        "quantization": model.quantization, "training_state": training_state,
     }
     with atomic_write(path) as f:
         torch.save(state, f)
@@ -1333,8 +1499,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     except FileNotFoundError:
         raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") from None
     except Exception as e:  # torch raises many types for truncated, corrupt or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TinyLLMError(f"checkpoint {path} cannot be loaded safely ({reason[:200]})") from None
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = (f"it holds a pickled {unsafe.group(1)}, which could run code, so it was not loaded"
+                  if unsafe else "it is truncated, corrupted or not a PyTorch checkpoint")
+        raise TinyLLMError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != "tinyllm-checkpoint":
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint")
     try:
@@ -1350,5 +1518,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     if tokenizer.vocab_size != model.hparams["vocab_size"]:
         raise TinyLLMError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens, "
                            f"model expects {model.hparams['vocab_size']}")
+    for field in ("max_context", *MODEL_FIELDS):
+        if getattr(config, field) != model.hparams[field]:
+            raise TinyLLMError(f"checkpoint {path} is inconsistent: its config has {field} "
+                               f"{getattr(config, field)} but its weights were built with {model.hparams[field]}")
     return Checkpoint(model.to(device), tokenizer, config, state["optimizer"], state["step"],
-                      state["epoch"], state["best_val_loss"])
+                      state["epoch"], state["best_val_loss"], state.get("training_state"))

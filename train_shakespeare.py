@@ -33,7 +33,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "shakespeare.txt"
 CONFIG_FLAGS = {
     "size": "model_size", "tokenizer": "tokenizer", "epochs": "epochs", "max_steps": "max_steps",
     "time_budget": "time_budget", "batch_size": "batch_size", "learning_rate": "learning_rate",
-    "max_context": "max_context", "val_frequency": "val_frequency",
+    "max_context": "max_context", "val_frequency": "val_frequency", "checkpoint_frequency": "checkpoint_frequency",
     "sample_frequency": "sample_frequency", "temperature": "temperature",
     "metrics_csv": "metrics_csv_enabled", "lowercase": "lowercase",
     "normalize_whitespace": "normalize_whitespace", "seed": "seed", "device": "device",
@@ -57,7 +57,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--size", help=f"model size: {', '.join(tinyllm.MODEL_SIZES.names())}")
     p.add_argument("--tokenizer", help=f"tokenizer: {', '.join(tinyllm.TOKENIZERS.names())}")
     for flag, kind in [("epochs", int), ("max-steps", int), ("time-budget", float), ("batch-size", int),
-                       ("learning-rate", float), ("max-context", int), ("val-frequency", int),
+                       ("learning-rate", float), ("max-context", int), ("val-frequency", int), ("checkpoint-frequency", int),
                        ("sample-frequency", int), ("temperature", float), ("seed", int),
                        ("n-layer", int), ("n-head", int), ("n-embd", int), ("dropout", float)]:
         p.add_argument(f"--{flag}", type=kind)
@@ -68,6 +68,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(tinyllm.DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bar; console shows warnings only")
     p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its last.pt, with its own settings")
     p.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of "
                    "3), or with --generate tokens/s with and without the KV cache, then exit")
     p.add_argument("--plot", action="store_true", help="draw loss.png from <out-dir>/metrics.csv, then exit")
@@ -230,9 +232,18 @@ def benchmark(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    config = build_config(args)
+    if args.resume:  # the run's own settings, except where and how to run it
+        changed = [f"--{flag.replace('_', '-')}" for flag in [*CONFIG_FLAGS, "config"]
+                   if flag not in ("out_dir", "device", "compile") and getattr(args, flag) is not None]
+        if changed:
+            raise tinyllm.TinyLLMError(f"--resume continues a run with the settings it started with; "
+                                       f"drop {', '.join(changed)}")
+        config = tinyllm.TrainingConfig(out_dir=args.out_dir or "out", device=args.device or "auto",
+                                        compile=args.compile)
+    else:
+        config = build_config(args)
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
-    trainer = tinyllm.Trainer(config, text, quiet=args.quiet, overwrite=args.overwrite)
+    trainer = tinyllm.Trainer(config, text, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
     if not args.quiet:
         print(f"\nfull validation loss {summary['full_val_loss']:.4f} after {summary['steps']} steps "
@@ -256,6 +267,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except tinyllm.TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except tinyllm.TrainingInterrupted as e:  # last.pt is saved, and the log said how to resume
+        return e.exit_code
     except OSError as e:  # a full disk or a vanished directory: still one line, not a traceback
         print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
