@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,7 @@ def test_vocabulary_is_sorted_and_unknown_characters_are_named():
 def test_load_tokenizer_rejects_unknown_type_and_bad_files(tmp_path):
     path = tmp_path / "t.json"
     path.write_text('{"type": "nope", "version": 1}')
-    with pytest.raises(TinyLLMError, match="unknown tokenizer 'nope'; choose one of: char"):
+    with pytest.raises(TinyLLMError, match="unknown tokenizer 'nope'; choose one of: bpe, char"):
         tinyllm.load_tokenizer(path)
     path.write_text('{"type": "char", "version": 1, "chars": ["ab"]}')
     with pytest.raises(TinyLLMError, match="malformed"):
@@ -98,9 +99,43 @@ def test_load_tokenizer_rejects_unknown_type_and_bad_files(tmp_path):
         tinyllm.load_tokenizer(path)
 
 
+@FAST
+@given(st.text(max_size=60), st.text(min_size=1, max_size=300))
+def test_bpe_round_trips_any_text_with_merges_learned_on_other_text(text, fit_text):
+    tokenizer = tinyllm.BytePairTokenizer().fit(fit_text * 3, vocab_size=300)
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert ids == tokenizer.encode(text) == tinyllm.BytePairTokenizer(tokenizer.merges).encode(text)
+
+
+@FAST
+@given(st.text(min_size=1, max_size=200), st.text(max_size=40))
+def test_bpe_save_load_round_trip(fit_text, probe):
+    tokenizer = tinyllm.BytePairTokenizer().fit(fit_text * 2, vocab_size=280)
+    path = Path(tempfile.mkdtemp()) / "tokenizer.json"
+    tokenizer.save_state(path)
+    loaded = tinyllm.load_tokenizer(path)
+    assert isinstance(loaded, tinyllm.BytePairTokenizer) and loaded.merges == tokenizer.merges
+    assert loaded.encode(probe) == tokenizer.encode(probe)
+
+
+def test_bpe_learns_frequent_pairs_first_and_stops_at_the_vocabulary_size():
+    tokenizer = tinyllm.BytePairTokenizer().fit("the cat the hat the bat " * 50, vocab_size=260)
+    assert tokenizer.vocab_size == 260
+    assert tokenizer.decode([256]) in {" t", "th", "he", "at"}  # the most frequent pairs
+    assert len(tokenizer.encode("the hat")) < len("the hat")
+    data = json.loads(json.dumps(tokenizer.state()))
+    assert data["merges"][0] == list(tokenizer.merges[0]) and len(data["merges"]) == 4
+    with pytest.raises(ValueError, match="merge 0 must be two ids of earlier tokens"):
+        tinyllm.BytePairTokenizer([[300, 1]])
+    with pytest.raises(TinyLLMError, match="'vocab_size' applies only to tokenizers that learn"):
+        TrainingConfig(vocab_size=100)
+
+
 def test_registry_lists_known_names_on_a_miss():
     assert {"tiny", "small", "medium"} <= set(tinyllm.MODEL_SIZES.names())
-    with pytest.raises(TinyLLMError, match="unknown model size 'huge'; choose one of: large, medium, small, tiny"):
+    message = "unknown model size 'huge'; choose one of: large, medium, small, tiny"
+    with pytest.raises(TinyLLMError, match=message):
         tinyllm.MODEL_SIZES["huge"]
     registry = tinyllm.Registry("widget")
 
@@ -108,6 +143,59 @@ def test_registry_lists_known_names_on_a_miss():
     class A:
         pass
     assert registry["a"] is A and "a" in registry and registry.names() == ["a"]
+
+
+PLUGIN_MODULE = '''
+import tinyllm
+
+
+class ShoutTokenizer(tinyllm.CharacterTokenizer):
+    """Characters, upper-cased."""
+
+    type_name = "shout"
+
+    def fit(self, text, vocab_size=None):
+        return super().fit(text.upper())
+
+    def encode(self, text):
+        return super().encode(text.upper())
+
+
+PICO = {"n_layer": 1, "n_head": 1, "n_embd": 8, "dropout": 0.0}
+NOT_A_SIZE = ["n_layer", 1]
+'''
+PLUGIN_ENTRY_POINTS = """
+[tinyllm.tokenizers]
+shout = tinyllm_shout:ShoutTokenizer
+missing = tinyllm_shout:DoesNotExist
+
+[tinyllm.model_sizes]
+pico = tinyllm_shout:PICO
+odd = tinyllm_shout:NOT_A_SIZE
+"""
+
+
+def test_installed_plugins_add_a_tokenizer_and_a_size_and_broken_ones_only_warn(tmp_path):
+    """A distribution's metadata on sys.path is what `pip install` leaves; no install needed."""
+    site = tmp_path / "site"
+    (site / "tinyllm_shout-1.0.dist-info").mkdir(parents=True)
+    info = site / "tinyllm_shout-1.0.dist-info"
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinyllm-shout\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
+    (site / "tinyllm_shout.py").write_text(PLUGIN_MODULE)
+    (tmp_path / "play.txt").write_text(PLAY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    command = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "play.txt"),
+               "--out-dir", str(tmp_path / "out"), "--tokenizer", "shout", "--size", "pico",
+               "--max-steps", "5", "--max-context", "16", "--quiet", "--no-compile"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tokenizer plugin 'missing' (tinyllm_shout:DoesNotExist) is ignored" in result.stderr
+    assert "model size plugin 'odd' (tinyllm_shout:NOT_A_SIZE) is ignored" in result.stderr
+    saved = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert saved["type"] == "shout" and "R" in saved["chars"] and "r" not in saved["chars"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_size"], config["n_layer"], config["n_embd"]) == ("pico", 1, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +266,11 @@ def test_any_json_config_file_loads_or_raises_tinyllm_error(data):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.fixed_dictionaries({}, optional={"type": st.just("char") | JSON_VALUES, "version": st.just(1) | JSON_VALUES,
-                                           "chars": st.lists(st.text(max_size=2), max_size=5) | JSON_VALUES})
+@given(st.fixed_dictionaries({}, optional={"type": st.sampled_from(["char", "bpe"]) | JSON_VALUES,
+                                           "version": st.just(1) | JSON_VALUES,
+                                           "chars": st.lists(st.text(max_size=2), max_size=5) | JSON_VALUES,
+                                           "merges": st.lists(st.lists(st.integers(-1, 300), max_size=3),
+                                                              max_size=4) | JSON_VALUES})
        | JSON_VALUES, st.booleans())
 def test_any_json_tokenizer_file_loads_or_raises_tinyllm_error(data, truncate):
     path = Path(tempfile.mkdtemp()) / "tokenizer.json"
@@ -189,7 +280,8 @@ def test_any_json_tokenizer_file_loads_or_raises_tinyllm_error(data, truncate):
         tokenizer = tinyllm.load_tokenizer(path)
     except TinyLLMError:
         return
-    assert tokenizer.decode(tokenizer.encode("".join(tokenizer.chars))) == "".join(tokenizer.chars)
+    probe = tokenizer.decode(range(tokenizer.vocab_size)) if tokenizer.type_name == "char" else "any text ü"
+    assert tokenizer.decode(tokenizer.encode(probe)) == probe
 
 
 def test_config_file_that_is_not_an_object_is_refused(tmp_path):
@@ -230,7 +322,8 @@ def test_dataset_windows_are_shifted_by_one(length, context, offset):
         assert x.shape == y.shape == (context,)
         assert torch.equal(x[1:], y[:-1])
         start = offset % context + i * context
-        assert torch.equal(x, ids[start:start + context]) and torch.equal(y, ids[start + 1:start + context + 1])
+        assert torch.equal(x, ids[start:start + context])
+        assert torch.equal(y, ids[start + 1:start + context + 1])
 
 
 def test_an_epoch_makes_every_token_a_target_once():
@@ -251,14 +344,15 @@ def test_epochs_are_cut_at_fresh_offsets():
 
 
 def test_validation_split_is_the_end_of_the_text_and_batches_are_fixed():
-    ids = torch.arange(1000)
-    train, val = tinyllm.split_train_val(ids, 0.1, 16)
-    assert torch.equal(val, torch.arange(900, 1000)) and torch.equal(train, torch.arange(900))
+    text = "abcdefghij" * 100
+    tokenizer = CharacterTokenizer().fit(text)
+    train, val = tinyllm.split_train_val(text, tokenizer, 0.1, 16)
+    assert tokenizer.decode(val.tolist()) == text[900:] and tokenizer.decode(train.tolist()) == text[:900]
     first = tinyllm.fixed_batches(val, 16, 4, 3, seed=1)
     second = tinyllm.fixed_batches(val, 16, 4, 3, seed=1)
     assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
-    with pytest.raises(TinyLLMError, match="text too short"):
-        tinyllm.split_train_val(torch.arange(100), 0.1, 16)
+    with pytest.raises(TinyLLMError, match="text too short: 100 characters give 90 training and 10"):
+        tinyllm.split_train_val(text[:100], tokenizer, 0.1, 16)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -509,7 +603,8 @@ def test_early_stopping_ends_a_run_after_patience_validations_without_improvemen
     val_losses = iter([2.0, 1.5, 1.6, 1.7, 1.8, 1.9])
     trainer.evaluate = lambda: next(val_losses)
     summary = trainer.train()
-    assert (summary["stopped_because"], summary["steps"], summary["best_val_loss"]) == ("early_stopping", 4, 1.5)
+    stopped = (summary["stopped_because"], summary["steps"], summary["best_val_loss"])
+    assert stopped == ("early_stopping", 4, 1.5)
 
 
 def test_a_run_ends_after_its_epochs(tmp_path):
@@ -547,7 +642,8 @@ def test_a_failing_compile_falls_back_to_plain_pytorch(tmp_path, monkeypatch):
     summary = tinyllm.Trainer(tiny_config(tmp_path, compile=True, max_steps=3), PLAY,
                               progress=False, quiet=True).train()
     assert summary["steps"] == 3
-    assert "torch.compile failed (no C++ compiler found)" in (tmp_path / "out" / "tinyllm_training.log").read_text()
+    log = (tmp_path / "out" / "tinyllm_training.log").read_text()
+    assert "torch.compile failed (no C++ compiler found)" in log
 
 
 def test_auto_dtype_uses_bfloat16_only_on_cpus_that_run_it_fast(monkeypatch):
@@ -561,7 +657,8 @@ def test_auto_dtype_uses_bfloat16_only_on_cpus_that_run_it_fast(monkeypatch):
     assert tinyllm.resolve_compile(None, cpu, 10_000_000, None)[0]  # long runs compile
     assert not tinyllm.resolve_compile(None, cpu, 100_000, None)[0]  # short ones do not
     assert not tinyllm.resolve_compile(None, cpu, 10_000_000, 30.0)[0]
-    assert tinyllm.resolve_compile(None, cpu, 0, 180.0)[0] and not tinyllm.resolve_compile(False, cpu, 0, 180.0)[0]
+    assert tinyllm.resolve_compile(None, cpu, 0, 180.0)[0]
+    assert not tinyllm.resolve_compile(False, cpu, 0, 180.0)[0]
 
 
 def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
@@ -581,8 +678,9 @@ def test_fine_tuning_grows_the_vocabulary_and_keeps_the_old_logits(tmp_path):
     start = tinyllm.load_checkpoint(tmp_path / "out" / "best.pt")
     old_vocab = start.tokenizer.vocab_size
     new_text = PLAY + "\nZOUNDS! Quoth the jester; 42 jokes.\n" * 20
-    config = tiny_config(tmp_path, out_dir=str(tmp_path / "tuned"), init_from=str(tmp_path / "out" / "best.pt"),
-                         model_size="small", max_context=16, lowercase=False, max_steps=10)
+    config = tiny_config(tmp_path, out_dir=str(tmp_path / "tuned"),
+                         init_from=str(tmp_path / "out" / "best.pt"), model_size="small", max_context=16,
+                         lowercase=False, max_steps=10)
     trainer = tinyllm.Trainer(config, new_text, progress=False, quiet=True)
     # The architecture and preprocessing come from the checkpoint, not from the config passed in.
     assert (trainer.config.n_embd, trainer.config.max_context, trainer.config.lowercase) == (32, 32, True)
@@ -634,8 +732,8 @@ def test_every_size_builds_and_fields_override_it():
 
 def test_loss_plot_is_drawn_from_the_metrics(tmp_path):
     pytest.importorskip("matplotlib")
-    (tmp_path / "metrics.csv").write_text("step,epoch,train_loss,val_loss,learning_rate,tokens_per_second,"
-                                          "elapsed_seconds\n10,0.5,3.1,3.0,0.001,100,1\n20,1,2.5,2.6,0.001,100,2\n")
+    header = "step,epoch,train_loss,val_loss,learning_rate,tokens_per_second,elapsed_seconds\n"
+    (tmp_path / "metrics.csv").write_text(header + "10,0.5,3.1,3.0,0.001,100,1\n20,1,2.5,2.6,0.001,100,2\n")
     path = tinyllm.plot_losses(tmp_path)
     assert path == tmp_path / "loss.png" and path.read_bytes().startswith(b"\x89PNG")
     (tmp_path / "empty").mkdir()
@@ -688,8 +786,9 @@ def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):
     class Boom:
         def __reduce__(self):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"format": "tinyllm-checkpoint", "x": Boom()}, protocol=2))
-    with pytest.raises(TinyLLMError, match=r"cannot be loaded safely: it holds a pickled \w+\.system, which could run code"):
+    evil = {"format": "tinyllm-checkpoint", "x": Boom()}
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(evil, protocol=2))
+    with pytest.raises(TinyLLMError, match=r"it holds a pickled \w+\.system, which could run code"):
         tinyllm.load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04truncated")
@@ -889,14 +988,16 @@ def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
 def test_a_signal_saves_last_pt_and_says_how_to_resume(tmp_path, signal_number, exit_code):
     out = tmp_path / "out"
     process = start_cli(*long_run_args(tmp_path, **{"--max-steps": 10**6}), "--out-dir", out)
-    wait_for(lambda: (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) > 1)
+    metrics = out / "metrics.csv"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 1)
     process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == exit_code, stderr
     assert "Traceback" not in stderr + stdout
     stopped_at = tinyllm.load_checkpoint(out / "last.pt").step
     log = (out / "tinyllm_training.log").read_text()
-    assert f"stopped by {signal.Signals(signal_number).name} after step {stopped_at}" in log and "--resume" in log
+    assert f"stopped by {signal.Signals(signal_number).name} after step {stopped_at}" in log
+    assert "--resume" in log
     assert stopped_at >= 50 and not (out / "summary.json").exists()
 
 
@@ -915,8 +1016,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_spares_the_checkpoints(tmp_pa
 
 def test_cli_stops_an_exploding_run_with_exit_code_2(tmp_path):
     (tmp_path / "noclip.json").write_text('{"grad_clip": null, "warmup_steps": 0}')
-    result = run_cli(*long_run_args(tmp_path, **{"--learning-rate": 1e9, "--config": tmp_path / "noclip.json"}),
-                     "--out-dir", tmp_path / "out")
+    args = long_run_args(tmp_path, **{"--learning-rate": 1e9, "--config": tmp_path / "noclip.json"})
+    result = run_cli(*args, "--out-dir", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "loss became nan at step" in result.stderr and len(result.stderr.splitlines()) == 1
 
@@ -1015,3 +1116,80 @@ def test_a_checkpoint_whose_config_and_weights_disagree_is_refused(tmp_path):
     tinyllm.save_checkpoint(tmp_path / "odd.pt", model, None, config, CharacterTokenizer("abcde"))
     with pytest.raises(TinyLLMError, match="odd.pt is inconsistent: its config has n_layer 3"):
         tinyllm.load_checkpoint(tmp_path / "odd.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# More than one process: torchrun and DistributedDataParallel (gloo on the CPU)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_step_in_process(rank, world_size, port, batch_size, out_dir, result_path):
+    """Runs in a spawned process: one forward and backward pass of a Trainer, as under torchrun."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = TrainingConfig(model_size="tiny", max_context=32, batch_size=batch_size, compile=False,
+                            device="cpu", out_dir=out_dir)
+    trainer = tinyllm.Trainer(config, PLAY, progress=False, quiet=True)
+    loader = tinyllm.epoch_loader(trainer.train_ids, 32, batch_size, trainer.generator, trainer.rank,
+                                  trainer.world_size)
+    x, y = next(iter(loader))
+    loss = trainer.train_model(x, y)[1]
+    loss.backward()  # DistributedDataParallel averages the gradients here
+    mean_loss = trainer.mean_over_processes(loss, 1)
+    if rank == 0:
+        grads = {name: p.grad for name, p in trainer.model.named_parameters()}
+        torch.save({"loss": mean_loss, "grads": grads}, result_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    results = {}
+    for world_size, batch_size in [(1, 16), (2, 8)]:
+        path = tmp_path / f"{world_size}.pt"
+        torch.multiprocessing.spawn(first_step_in_process, nprocs=world_size,
+                                    args=(world_size, free_port(), batch_size, str(tmp_path / "out"), str(path)))
+        results[world_size] = torch.load(path)
+    one, two = results[1], results[2]
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    for name, grad in one["grads"].items():
+        assert torch.allclose(two["grads"][name], grad, atol=1e-5), name
+
+
+def torchrun(*args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(SCRIPT), *map(str, args), "--no-compile"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_trains_with_one_writer_and_a_checkpoint_one_process_loads(tmp_path):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
+                      "--max-context", 32, "--batch-size", 8, "--max-steps", 20, "--val-frequency", 10,
+                      "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {"best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log", "metrics.csv",
+                "samples.txt", "summary.json"}
+    assert expected <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    log = (tmp_path / "out" / "tinyllm_training.log").read_text()
+    assert "batch 8 per process x 2 processes = 16" in log and log.count("stopped after 20 steps") == 1
+    assert len(list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))) == 2
+    checkpoint = tinyllm.load_checkpoint(tmp_path / "out" / "last.pt")
+    assert checkpoint.step == 20 and tinyllm.generate(checkpoint.model, torch.zeros(1, 1, dtype=torch.long), 5) \
+        .shape == (1, 6)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens_seen"] == 20 * 16 * 32
+
+
+def test_a_failing_process_ends_the_whole_job_with_the_error_printed_once(tmp_path):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    started = time.monotonic()
+    result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "huge")
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    assert result.stderr.count("unknown model size 'huge'") == 1

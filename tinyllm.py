@@ -23,23 +23,30 @@ import tempfile
 import threading
 import time
 import typing
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 __all__ = [
-    "TinyLLMError", "TrainingInterrupted", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer", "CharacterTokenizer",
-    "load_tokenizer", "TrainingConfig", "prepare_text", "load_text", "split_train_val",
+    "TinyLLMError", "TrainingInterrupted", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer",
+    "CharacterTokenizer",
+    "BytePairTokenizer", "load_tokenizer", "TrainingConfig", "prepare_text", "load_text", "split_train_val",
+    "bits_per_char",
     "TokenWindows", "TransformerModel", "KVCache", "generate", "generate_tokens", "stream_text",
     "sample_text", "evaluate_full", "Trainer",
-    "Int8Linear", "quantize_int8", "MetricsLogger", "plot_losses", "Checkpoint", "save_checkpoint", "load_checkpoint", "atomic_write",
+    "Int8Linear", "quantize_int8", "MetricsLogger", "plot_losses", "Checkpoint", "save_checkpoint",
+    "load_checkpoint", "atomic_write",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -63,11 +70,17 @@ class TrainingInterrupted(Exception):
 
 
 class Registry:
-    """A named table of classes or entries, so a new one is added with one decorator or call."""
+    """A named table of classes or entries, so a new one is added with one decorator or call.
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    Installed packages may add entries under the entry-point group `group` (a plugin); they are
+    loaded the first time the table is read, and `check` vets each one.
+    """
+
+    def __init__(self, kind: str, group: Optional[str] = None,
+                 check: Callable[[Any], None] = lambda entry: None):
+        self.kind, self.group, self.check = kind, group, check
         self._entries: Dict[str, Any] = {}
+        self._plugins_loaded = group is None
 
     def register(self, name: str, entry: Any = None) -> Any:
         """Register `entry` under `name`; without `entry`, return a decorator that does."""
@@ -76,20 +89,57 @@ class Registry:
         self._entries[name] = entry
         return entry
 
+    def _table(self) -> Dict[str, Any]:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            found = metadata.entry_points()
+            if hasattr(found, "select"):
+                plugins = found.select(group=self.group)
+            else:  # Python 3.9 returns a dict of groups
+                plugins = found.get(self.group, [])
+            for plugin in plugins:
+                self._load_plugin(plugin)
+        return self._entries
+
+    def _load_plugin(self, plugin: metadata.EntryPoint) -> None:
+        """A broken plugin gets a warning that names it, never a crash of unrelated commands."""
+        if plugin.name in self._entries:
+            warnings.warn(f"tinyllm: {self.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: "
+                          "that name is already taken")
+            return
+        try:
+            entry = plugin.load()
+            self.check(entry)
+        except Exception as e:
+            warnings.warn(f"tinyllm: {self.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: "
+                          f"{type(e).__name__}: {e}")
+            return
+        self._entries[plugin.name] = entry
+
     def __getitem__(self, name: str) -> Any:
-        if name not in self._entries:
+        if name not in self._table():
             raise TinyLLMError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._table()
 
     def names(self) -> List[str]:
-        return sorted(self._entries)
+        return sorted(self._table())
 
 
-TOKENIZERS = Registry("tokenizer")
-MODEL_SIZES = Registry("model size")
+def _check_tokenizer_class(entry: Any) -> None:
+    if not (isinstance(entry, type) and issubclass(entry, Tokenizer)):
+        raise TypeError(f"expected a subclass of tinyllm.Tokenizer, got {entry!r}")
+
+
+def _check_model_size(entry: Any) -> None:
+    if not isinstance(entry, dict) or not set(entry) <= set(MODEL_FIELDS):
+        raise TypeError(f"expected a dict with keys among {', '.join(MODEL_FIELDS)}, got {entry!r}")
+
+
+TOKENIZERS = Registry("tokenizer", "tinyllm.tokenizers", _check_tokenizer_class)
+MODEL_SIZES = Registry("model size", "tinyllm.model_sizes", _check_model_size)
 # Each size is a dict of model fields; TrainingConfig fills the fields a user left unset.
 MODEL_SIZES.register("tiny", {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0})
 MODEL_SIZES.register("small", {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0})
@@ -148,6 +198,7 @@ class Tokenizer:
 
     type_name = ""
     version = 1
+    learns_vocabulary = False  # True where fit(text, vocab_size) uses the size (the config's vocab_size)
 
     def save_state(self, path: PathLike) -> None:
         """Save the tokenizer as a language-neutral JSON file."""
@@ -184,7 +235,8 @@ class CharacterTokenizer(Tokenizer):
     def __init__(self, chars: Sequence[str] = ()):
         self.set_state({"chars": list(chars)})
 
-    def fit(self, text: str) -> "CharacterTokenizer":
+    def fit(self, text: str, vocab_size: Optional[int] = None) -> "CharacterTokenizer":
+        """The vocabulary is every character of `text`; `vocab_size` plays no part."""
         self.set_state({"chars": sorted(set(text))})
         return self
 
@@ -216,6 +268,105 @@ class CharacterTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+
+def merge_pair(ids: List[int], pair: tuple, new_id: int) -> List[int]:
+    """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`."""
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+@TOKENIZERS.register("bpe")
+class BytePairTokenizer(Tokenizer):
+    """Byte-level byte-pair encoding, as in GPT-2: tokens 0-255 are the UTF-8 bytes, and `fit` adds
+    one token at a time for the most frequent adjacent pair, so any text encodes without unknowns.
+
+    Text is first cut into pieces (a word with its leading space, a number, a run of punctuation,
+    whitespace) and merges never cross pieces, so each distinct piece is encoded once and cached.
+    """
+
+    type_name = "bpe"
+    learns_vocabulary = True
+    default_vocab_size = 256 + 512
+    PIECES = re.compile(r" ?[^\W\d]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")  # covers every character
+
+    def __init__(self, merges: Sequence[Sequence[int]] = ()):
+        self.set_state({"merges": [list(pair) for pair in merges]})
+
+    def fit(self, text: str, vocab_size: Optional[int] = None) -> "BytePairTokenizer":
+        """Learn merges until the vocabulary has `vocab_size` tokens (or no pair occurs twice)."""
+        vocab_size = vocab_size or self.default_vocab_size
+        if vocab_size < 256:
+            raise TinyLLMError(f"a byte-level BPE vocabulary needs at least 256 tokens, got {vocab_size}")
+        counts = Counter(self.PIECES.findall(text))
+        pieces, weights = [list(piece.encode("utf-8")) for piece in counts], list(counts.values())
+        pair_counts, holders = Counter(), defaultdict(set)  # pair -> occurrences, and which pieces hold it
+        for index, (ids, weight) in enumerate(zip(pieces, weights)):
+            for pair in zip(ids, ids[1:]):
+                pair_counts[pair] += weight
+                holders[pair].add(index)
+        merges: List[tuple] = []
+        while 256 + len(merges) < vocab_size and pair_counts:
+            best = max(pair_counts, key=pair_counts.__getitem__)
+            if pair_counts[best] < 2:
+                break
+            merges.append(best)
+            for index in holders.pop(best):  # only the pieces holding the pair change
+                ids, weight = pieces[index], weights[index]
+                for pair in zip(ids, ids[1:]):
+                    pair_counts[pair] -= weight
+                pieces[index] = ids = merge_pair(ids, best, 255 + len(merges))
+                for pair in zip(ids, ids[1:]):
+                    pair_counts[pair] += weight
+                    holders[pair].add(index)
+            pair_counts = +pair_counts  # drop the pairs that no longer occur
+        self.set_state({"merges": [list(pair) for pair in merges]})
+        return self
+
+    def state(self) -> dict:
+        return {"merges": [list(pair) for pair in self.merges]}
+
+    def set_state(self, state: dict) -> None:
+        merges = [tuple(pair) for pair in state["merges"]]
+        for rank, pair in enumerate(merges):
+            if len(pair) != 2 or not all(type(i) is int and 0 <= i < 256 + rank for i in pair):
+                raise ValueError(f"merge {rank} must be two ids of earlier tokens, got {list(pair)}")
+        self.merges, self.ranks = merges, {pair: rank for rank, pair in enumerate(merges)}
+        self.token_bytes = [bytes([i]) for i in range(256)]
+        for a, b in merges:
+            self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
+        self.cache: Dict[str, List[int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.merges)
+
+    def encode(self, text: str) -> List[int]:
+        ids: List[int] = []
+        for piece in self.PIECES.findall(text):
+            if piece not in self.cache:
+                self.cache[piece] = self._encode_piece(list(piece.encode("utf-8")))
+            ids.extend(self.cache[piece])
+        return ids
+
+    def _encode_piece(self, ids: List[int]) -> List[int]:
+        """Apply the merges in the order they were learned, as `fit` did."""
+        while len(ids) > 1:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            ids = merge_pair(ids, pair, 256 + self.ranks[pair])
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(path: PathLike) -> Tokenizer:
@@ -261,6 +412,7 @@ class TrainingConfig:
     # The run.
     init_from: Optional[str] = None  # a checkpoint to fine-tune, instead of a fresh model
     tokenizer: str = "char"
+    vocab_size: Optional[int] = None  # for tokenizers that learn their vocabulary (bpe); None: theirs
     seed: int = 1337
     weight_decay: float = 0.1
     grad_clip: Optional[float] = 1.0
@@ -298,10 +450,11 @@ class TrainingConfig:
                                    f"{' or null' if optional else ''}, got {value!r}")
 
     def _check_values(self) -> None:
-        positive = ["epochs", "batch_size", "learning_rate", "max_context", "val_frequency", "checkpoint_frequency",
+        positive = ["epochs", "batch_size", "learning_rate", "max_context", "val_frequency",
+                    "checkpoint_frequency",
                     "sample_frequency", "temperature", "n_layer", "n_head", "n_embd",
                     "val_batches", "sample_length", "max_steps", "time_budget", "grad_clip",
-                    "early_stopping_patience"]
+                    "early_stopping_patience", "vocab_size"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -323,7 +476,10 @@ class TrainingConfig:
                                "(or cuda:N)")
         if self.dtype not in DTYPES:
             raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
-        TOKENIZERS[self.tokenizer]  # raises TinyLLMError listing the known names
+        tokenizer = TOKENIZERS[self.tokenizer]  # raises TinyLLMError listing the known names
+        if self.vocab_size is not None and not getattr(tokenizer, "learns_vocabulary", False):
+            raise TinyLLMError(f"config field 'vocab_size' applies only to tokenizers that learn their "
+                               f"vocabulary, such as bpe; the {self.tokenizer!r} tokenizer has a fixed one")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -384,15 +540,22 @@ def load_text(path: PathLike) -> str:
                            "convert it, e.g. with iconv -t utf-8") from None
 
 
-def split_train_val(ids: torch.Tensor, val_fraction: float, context: int) -> tuple:
-    """The validation split is the LAST `val_fraction` of the text, so results compare with other tools."""
-    n_val = int(len(ids) * val_fraction)
-    train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+def split_train_val(text: str, tokenizer: Tokenizer, val_fraction: float, context: int) -> tuple:
+    """Token ids of the training and the validation text. Validation is the LAST `val_fraction` of
+    the characters, so results compare with other tools, and between tokenizers."""
+    n_val = int(len(text) * val_fraction)
+    train, val = (torch.tensor(tokenizer.encode(part), dtype=torch.long)
+                  for part in (text[:len(text) - n_val], text[len(text) - n_val:]))
     if len(val) < context + 1 or len(train) < context + 1:
-        raise TinyLLMError(f"text too short: {len(ids)} tokens leave {len(train)} for training and "
-                           f"{len(val)} for validation, but each needs at least max_context + 1 = "
+        raise TinyLLMError(f"text too short: {len(text)} characters give {len(train)} training and "
+                           f"{len(val)} validation tokens, but each needs at least max_context + 1 = "
                            f"{context + 1}; use more text or a smaller --max-context")
     return train, val
+
+
+def bits_per_char(loss: float, tokens: int, chars: int) -> float:
+    """Turn a mean loss in nats per token into bits per character, which compares across tokenizers."""
+    return loss * tokens / (chars * math.log(2))
 
 
 class TokenWindows(Dataset):
@@ -415,7 +578,23 @@ class TokenWindows(Dataset):
         return chunk[..., :-1], chunk[..., 1:]
 
 
-def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: torch.Generator) -> DataLoader:
+class RankBatches:
+    """Every `world_size`-th batch starting at `rank`: with the same generator on every process, the
+    processes of a distributed run see distinct batches that together cover the epoch once. Each
+    gets the same number, so none waits at a step that the others never take."""
+
+    def __init__(self, batches: BatchSampler, rank: int = 0, world_size: int = 1):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return itertools.islice(iter(self.batches), self.rank, len(self) * self.world_size, self.world_size)
+
+
+def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1) -> DataLoader:
     """One epoch: every window once, in random order, after a fresh random offset in [0, context).
 
     A last, incomplete batch is dropped (when there is a full one), so every step has one shape.
@@ -425,7 +604,8 @@ def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: to
     batches = BatchSampler(RandomSampler(windows, generator=generator), batch_size,
                            drop_last=len(windows) >= batch_size)
     # The loader draws a seed for its workers from `generator` too, so the global RNG is left alone.
-    return DataLoader(windows, sampler=batches, batch_size=None, generator=generator)
+    return DataLoader(windows, sampler=RankBatches(batches, rank, world_size), batch_size=None,
+                      generator=generator)
 
 
 def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: int, seed: int) -> list:
@@ -702,7 +882,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise TinyLLMError(f"temperature must be positive, got {temperature!r} (for greedy decoding use top_k 1)")
+        raise TinyLLMError(f"temperature must be positive, got {temperature!r} "
+                           "(for greedy decoding use top_k 1)")
     if top_k is not None and top_k <= 0:
         raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -712,7 +893,8 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
 @torch.inference_mode()
 def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing `idx` (B, T).
 
     The context window holds at most max_context tokens. When it is full, it jumps forward: the
@@ -758,16 +940,18 @@ def stream_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, leng
                 seed: Optional[int] = None, use_cache: bool = True) -> Iterator[str]:
     """Yield the continuation of `prompt` piece by piece, as it is generated, for up to `length` tokens.
 
-    The prompt gets the same preprocessing as the training text; an empty prompt starts from token
-    0 (the newline, for a character vocabulary that has one). Generation ends early when a `stop`
+    The prompt gets the same preprocessing as the training text; an empty prompt starts from a
+    newline (or token 0, for a vocabulary without one). Generation ends early when a `stop`
     string appears; the stop string itself is not yielded, so text that might begin one is held back.
     """
     prompt = prepare_text(prompt, lowercase, normalize_whitespace)
     try:
-        prompt_ids = tokenizer.encode(prompt) or [0]
+        prompt_ids = tokenizer.encode(prompt or "\n")
     except TinyLLMError as e:
-        raise TinyLLMError(f"the prompt has {e}, which the model never saw in training; "
-                           "remove or replace them") from None
+        if prompt:
+            raise TinyLLMError(f"the prompt has {e}, which the model never saw in training; "
+                               "remove or replace them") from None
+        prompt_ids = [0]  # a vocabulary without a newline
     stop = [s for s in stop if s]
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -830,13 +1014,11 @@ def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    mps = getattr(torch.backends, "mps", None)
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+                 "mps": mps is not None and mps.is_available()}
+    if name == "auto":
+        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
     if not available[name.split(":")[0]]:
         raise TinyLLMError(f"--device {name} was asked for but PyTorch cannot see one here; use --device cpu")
     return torch.device(name)
@@ -872,6 +1054,26 @@ def resolve_compile(setting: Optional[bool], device: torch.device, planned_token
     if long_run:
         return True, "+46% tokens/s on a CPU, measured; the first step compiles for about 20 s"
     return False, "this run is too short to win back the 20 s that compiling takes"
+
+
+def init_distributed(device: torch.device) -> tuple:
+    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group: gloo on a
+    CPU, nccl on CUDA with one GPU per process. Returns (device, rank, world_size); a plain
+    `python` run gets (device, 0, 1) and takes no distributed path."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every process of a distributed run; nothing to wait for in a single process."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -959,19 +1161,21 @@ class Trainer:
             self.config = config = dataclasses.replace(saved.config, out_dir=config.out_dir,
                                                        device=config.device, compile=config.compile)
         seed_everything(config.seed)
-        self.device = resolve_device(config.device)
+        self.device, self.rank, self.world_size = init_distributed(resolve_device(config.device))
+        self.is_main = self.rank == 0  # the one process that logs and writes files
+        self.progress = self.progress and self.is_main
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
         start = saved or (self._fine_tuning_start(config.init_from) if config.init_from else None)
         config = self.config
         text = prepare_text(text, config.lowercase, config.normalize_whitespace)
         if start is None:
-            self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text)
+            self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text, vocab_size=config.vocab_size)
         else:
             self.tokenizer, self.added_tokens = start.tokenizer, start.tokenizer.extend(text)
-        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
-        self.data_sha256 = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-        train_ids, val_ids = split_train_val(ids, config.val_fraction, config.max_context)
+        train_ids, val_ids = split_train_val(text, self.tokenizer, config.val_fraction, config.max_context)
+        self.val_chars = int(len(text) * config.val_fraction)
+        self.data_sha256 = hashlib.sha256(torch.cat([train_ids, val_ids]).numpy().tobytes()).hexdigest()
         self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
         self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
                                          config.val_batches, config.seed)
@@ -981,13 +1185,15 @@ class Trainer:
         except TinyLLMError as e:
             raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.steps_per_epoch = max(1, len(TokenWindows(train_ids, config.max_context)) // config.batch_size)
+        batches = len(TokenWindows(train_ids, config.max_context)) // config.batch_size
+        self.steps_per_epoch = max(1, batches // self.world_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self._build_model(start.model if start else None)
         self.step, self.epoch, self.epochs_completed, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0, 0
-        self.best_val_loss, self.last_val_loss, self.last_val_step, self.bad_validations = math.inf, math.nan, -1, 0
+        self.best_val_loss, self.last_val_loss, self.last_val_step = math.inf, math.nan, -1
+        self.bad_validations = 0
         self.recent_losses: List[torch.Tensor] = []  # each step's loss since the last validation
         self.epoch_rng_state = self.generator.get_state()  # replayed on resume to cut the same batches
         self.elapsed_before, self.untimed_before = 0.0, 0.0
@@ -1001,7 +1207,8 @@ class Trainer:
         if start.model.quantization:
             raise TinyLLMError(f"checkpoint {path} is {start.model.quantization}-quantized, which "
                                "cannot be trained; fine-tune from the float checkpoint it came from")
-        inherited = ("model_size", *MODEL_FIELDS, "max_context", "tokenizer", "lowercase", "normalize_whitespace")
+        inherited = ("model_size", *MODEL_FIELDS, "max_context", "tokenizer", "lowercase",
+                     "normalize_whitespace")
         self.config = dataclasses.replace(self.config, **{f: getattr(start.config, f) for f in inherited})
         return start
 
@@ -1018,8 +1225,8 @@ class Trainer:
             raise TinyLLMError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
         existing = [f for f in self.RUN_FILES if (self.out_dir / f).exists()]
         if existing and not (overwrite or resume):
-            raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); "
-                               "pass --resume to continue it, another --out-dir, or --overwrite to replace it")
+            raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); pass "
+                               "--resume to continue it, another --out-dir, or --overwrite to replace it")
         if not os.access(self.out_dir, os.W_OK):
             raise TinyLLMError(f"output directory {self.out_dir} is not writable; choose another --out-dir")
 
@@ -1060,6 +1267,10 @@ class Trainer:
     def _open_outputs(self, resume: bool) -> None:
         """Clear an overwritten run's files (or, resuming, the metrics logged after last.pt), then
         start the log file and the metrics CSV."""
+        if not self.is_main:  # the other processes of a distributed run stay silent
+            self.log_handlers = [logging.NullHandler()]
+            logger.addHandler(self.log_handlers[0])
+            return
         if resume:
             drop_metrics_after(self.out_dir / "metrics.csv", self.step)
         for name in () if resume else self.RUN_FILES:
@@ -1073,7 +1284,8 @@ class Trainer:
         for handler in self.log_handlers:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if self.config.metrics_csv_enabled else None
+        enabled = self.config.metrics_csv_enabled
+        self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if enabled else None
 
     def _build_model(self, model: Optional[TransformerModel] = None) -> None:
         """The model (new, or one to fine-tune, with rows for tokens its vocabulary lacked), its
@@ -1089,7 +1301,12 @@ class Trainer:
         planned_tokens = self.total_steps * self.config.batch_size * self.config.max_context
         self.compiled, self.compile_reason = resolve_compile(self.config.compile, self.device,
                                                              planned_tokens, self.config.time_budget)
-        self.train_model = torch.compile(self.model, dynamic=False) if self.compiled else self.model
+        # Under torchrun, DistributedDataParallel averages the gradients of all processes in backward.
+        self.eager_model = self.model
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.eager_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.train_model = torch.compile(self.eager_model, dynamic=False) if self.compiled else self.eager_model
         self.optimizer = self._make_optimizer()
         scaler_cls = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
         self.scaler = scaler_cls(enabled=self.dtype == torch.float16)
@@ -1141,19 +1358,29 @@ class Trainer:
         try:
             return self.train_model(x, y)[1]
         except Exception as e:  # compiling needs a C++ compiler (CPU) or Triton (GPU)
-            if self.train_model is self.model:
+            if self.train_model is self.eager_model:
                 raise
-            logger.warning("torch.compile failed (%s); training without it", str(e).strip().splitlines()[0][:200])
-            self.train_model, self.compiled = self.model, False
-            return self.model(x, y)[1]
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            logger.warning("torch.compile failed (%s); training without it", reason)
+            self.train_model, self.compiled = self.eager_model, False
+            return self.eager_model(x, y)[1]
 
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches."""
+        """Mean loss over the fixed validation batches (shared out among the processes of a
+        distributed run, then averaged)."""
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            losses = [self.model(x, y)[1] for x, y in self.val_batches]
+            losses = [self.model(x, y)[1].float() for x, y in self.val_batches[self.rank::self.world_size]]
         self.model.train()
-        return torch.stack(losses).mean().item()
+        total = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        return self.mean_over_processes(total, len(losses))
+
+    def mean_over_processes(self, total: torch.Tensor, count: int) -> float:
+        """sum(total) / sum(count) over every process; in a single process, total / count."""
+        sums = torch.stack([total.detach().float(), torch.tensor(float(count), device=total.device)])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
 
     def train(self) -> dict:
         """Run the whole training loop and write every output file; return the summary.
@@ -1161,6 +1388,7 @@ class Trainer:
         Raises TrainingInterrupted after saving last.pt if SIGINT or SIGTERM arrives."""
         self.metrics, self.log_handlers = None, []
         try:
+            barrier()  # every process has checked the out-dir before the first one writes to it
             self._open_outputs(resume=self.step > 0)
             self._log_start()
             stopped_because = self._loop()
@@ -1174,8 +1402,9 @@ class Trainer:
 
     def _log_start(self) -> None:
         c = self.config
-        self.config.to_json(self.out_dir / "config.json")
-        self.tokenizer.save_state(self.out_dir / "tokenizer.json")
+        if self.is_main:
+            self.config.to_json(self.out_dir / "config.json")
+            self.tokenizer.save_state(self.out_dir / "tokenizer.json")
         logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
                     len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
         if self.step:
@@ -1189,8 +1418,10 @@ class Trainer:
         logger.info("device %s, dtype %s (%s), peak %.2f TFLOP/s measured", self.device,
                     str(self.dtype).replace("torch.", ""), self.dtype_reason, self.peak_flops / 1e12)
         logger.info("torch.compile %s (%s)", "on" if self.compiled else "off", self.compile_reason)
-        logger.info("batch %d, %d steps per epoch, at most %d steps%s", c.batch_size,
-                    self.steps_per_epoch, self.total_steps, f", time budget {c.time_budget:g} s" if c.time_budget else "")
+        budget = f", time budget {c.time_budget:g} s" if c.time_budget else ""
+        processes = f" per process x {self.world_size} processes = {c.batch_size * self.world_size}"
+        logger.info("batch %d%s, %d steps per epoch, at most %d steps%s", c.batch_size,
+                    processes if self.world_size > 1 else "", self.steps_per_epoch, self.total_steps, budget)
 
     def _loop(self) -> str:
         """Train until epochs, max_steps, the time budget, early stopping or a signal ends it."""
@@ -1204,11 +1435,11 @@ class Trainer:
             stopped_because = self._run_epochs()
         if stopped_because == "interrupted":
             self._save_last()
-            name = signal.Signals(self.stop_signal).name
+            name = signal.Signals(self.stop_signal or signal.SIGTERM).name  # another process's signal
             message = (f"stopped by {name} after step {self.step}; {self.out_dir / 'last.pt'} holds the run. "
                        "Continue it with --resume and the same --out-dir and --data")
             logger.warning(message)
-            raise TrainingInterrupted(self.stop_signal, message)
+            raise TrainingInterrupted(self.stop_signal or signal.SIGTERM, message)
         if self.last_val_step != self.step:
             self._validate()
         return stopped_because
@@ -1235,7 +1466,8 @@ class Trainer:
             if self.batch_in_epoch == 0:
                 self.epoch_rng_state = self.generator.get_state()
             self.generator.set_state(self.epoch_rng_state)  # resuming mid-epoch replays its shuffle
-            loader = epoch_loader(self.train_ids, config.max_context, config.batch_size, self.generator)
+            loader = epoch_loader(self.train_ids, config.max_context, config.batch_size, self.generator,
+                                  self.rank, self.world_size)
             for x, y in itertools.islice(loader, self.batch_in_epoch, None):
                 stop = self._stop_reason()
                 if stop:
@@ -1243,7 +1475,7 @@ class Trainer:
                 self.lr = self.learning_rate()
                 self.recent_losses.append(self.train_step(x, y, self.lr))
                 self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-                self.tokens_seen += y.numel()
+                self.tokens_seen += y.numel() * self.world_size
                 self.bar.update()
                 self._after_step()
             self.batch_in_epoch, self.epochs_completed = 0, self.epochs_completed + 1
@@ -1268,7 +1500,19 @@ class Trainer:
                     "compilation and warm-up" if self.compiled else "warm-up")
         self._exclude_from_throughput(started)
 
+    STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
+
     def _stop_reason(self) -> Optional[str]:
+        """Why to stop now, if at all. All processes of a distributed run agree, since one that
+        stopped alone would leave the others waiting for it forever."""
+        reason = self._local_stop_reason()
+        if self.world_size > 1:
+            code = torch.tensor(self.STOP_REASONS.index(reason) + 1 if reason else 0, device=self.device)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            reason = self.STOP_REASONS[code.item() - 1] if code.item() else None
+        return reason
+
+    def _local_stop_reason(self) -> Optional[str]:
         config = self.config
         if self.stop_signal is not None:
             return "interrupted"
@@ -1284,7 +1528,7 @@ class Trainer:
 
     def mfu(self, tokens_per_second: float) -> float:
         """Model FLOPs utilisation: the share of the measured matrix-multiply peak that training used."""
-        return tokens_per_second * self.model.flops_per_token() / self.peak_flops
+        return tokens_per_second / self.world_size * self.model.flops_per_token() / self.peak_flops
 
     def _final_work_seconds(self) -> float:
         """An estimate of what the run does after its last step (validation, sample, checkpoint), so
@@ -1293,7 +1537,7 @@ class Trainer:
         if not self.tokens_seen:
             return 0.0
         train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
-        forward_tokens_per_second = 1.5 * self.tokens_seen / max(train_seconds, 1e-9)
+        forward_tokens_per_second = 1.5 * self.tokens_seen / self.world_size / max(train_seconds, 1e-9)
         forward_tokens = (len(self.val_ids) + self.config.val_batches * self.config.batch_size
                           * self.config.max_context + self.config.sample_length * self.config.max_context)
         return forward_tokens / max(forward_tokens_per_second, 1.0) + self.save_seconds
@@ -1315,7 +1559,8 @@ class Trainer:
         now = time.perf_counter()
         window_time, window_tokens = self.window
         self._check_losses()
-        train_loss = torch.stack(self.recent_losses).mean().item() if self.recent_losses else math.nan
+        losses = torch.stack(self.recent_losses) if self.recent_losses else torch.zeros(0, device=self.device)
+        train_loss = self.mean_over_processes(losses.sum(), len(losses)) if len(losses) else math.nan
         tokens_per_second = (self.tokens_seen - window_tokens) / max(now - window_time, 1e-9)
         self.last_val_loss, self.last_val_step = self.evaluate(), self.step
         if self.last_val_loss < self.best_val_loss:
@@ -1325,8 +1570,9 @@ class Trainer:
             self.bad_validations += 1
         elapsed = time.perf_counter() - self.start_time
         epoch = self.epoch + self._epoch_fraction()
-        logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f, lr %.2e, %.0f tokens/s, MFU %.1f%%",
-                    self.step, epoch, train_loss, self.last_val_loss, self.lr, tokens_per_second,
+        logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f (%.3f bits/char), lr %.2e, "
+                    "%.0f tokens/s, MFU %.1f%%", self.step, epoch, train_loss, self.last_val_loss,
+                    self.bits_per_char(self.last_val_loss), self.lr, tokens_per_second,
                     100 * self.mfu(tokens_per_second))
         if self.metrics:
             self.metrics.log(step=self.step, epoch=round(epoch, 4), train_loss=round(train_loss, 5),
@@ -1336,6 +1582,9 @@ class Trainer:
                              tok_s=f"{tokens_per_second:.0f}")
         self.recent_losses = []
         self._exclude_from_throughput(now)
+
+    def bits_per_char(self, loss: float) -> float:
+        return bits_per_char(loss, len(self.val_ids), self.val_chars)
 
     def _exclude_from_throughput(self, since: float) -> None:
         """Validation, sampling and the first step are not counted in tokens/s: restart the window."""
@@ -1347,6 +1596,8 @@ class Trainer:
 
     def _sample(self, label: str = "") -> str:
         c = self.config
+        if not self.is_main:
+            return ""
         started = time.perf_counter()
         text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length, c.temperature,
                            lowercase=c.lowercase, normalize_whitespace=c.normalize_whitespace)
@@ -1358,6 +1609,8 @@ class Trainer:
         return text
 
     def _save(self, name: str) -> None:
+        if not self.is_main:
+            return
         started = time.perf_counter()
         save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.config, self.tokenizer,
                         step=self.step, epoch=self.epoch, best_val_loss=self.best_val_loss,
@@ -1377,6 +1630,8 @@ class Trainer:
 
     def _finish(self, stopped_because: str) -> dict:
         """Write last.pt, score the best model on the whole validation split, sample, summarise."""
+        if not self.is_main:
+            return {}
         train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
         self._save_last()
         best = load_checkpoint(self.out_dir / "best.pt", self.device).model
@@ -1386,7 +1641,8 @@ class Trainer:
         tokens_per_second = self.tokens_seen / max(train_seconds, 1e-9)
         summary = {
             "best_val_loss": self.best_val_loss, "final_val_loss": self.last_val_loss,
-            "full_val_loss": full_val_loss, "steps": self.step,
+            "full_val_loss": full_val_loss, "full_val_bits_per_char": self.bits_per_char(full_val_loss),
+            "steps": self.step,
             "epochs_completed": self.epochs_completed,
             "tokens_seen": self.tokens_seen, "tokens_per_second": round(tokens_per_second, 1),
             "mfu": round(self.mfu(tokens_per_second), 4), "peak_tflops": round(self.peak_flops / 1e12, 3),
@@ -1399,9 +1655,10 @@ class Trainer:
             json.dump(summary, f, indent=2)
         if self.metrics:
             self._plot()
-        logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f, "
-                    "%.0f tokens/s, MFU %.1f%%", self.step, stopped_because, summary["elapsed_seconds"],
-                    self.best_val_loss, full_val_loss, tokens_per_second, 100 * summary["mfu"])
+        logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f "
+                    "(%.3f bits/char), %.0f tokens/s, MFU %.1f%%", self.step, stopped_because,
+                    summary["elapsed_seconds"], self.best_val_loss, full_val_loss,
+                    summary["full_val_bits_per_char"], tokens_per_second, 100 * summary["mfu"])
         return summary
 
 
@@ -1497,7 +1754,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") from None
+        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") \
+            from None
     except Exception as e:  # torch raises many types for truncated, corrupt or unsafe files
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         reason = (f"it holds a pickled {unsafe.group(1)}, which could run code, so it was not loaded"
@@ -1521,6 +1779,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     for field in ("max_context", *MODEL_FIELDS):
         if getattr(config, field) != model.hparams[field]:
             raise TinyLLMError(f"checkpoint {path} is inconsistent: its config has {field} "
-                               f"{getattr(config, field)} but its weights were built with {model.hparams[field]}")
+                               f"{getattr(config, field)} but its weights were built with "
+                               f"{model.hparams[field]}")
     return Checkpoint(model.to(device), tokenizer, config, state["optimizer"], state["step"],
                       state["epoch"], state["best_val_loss"], state.get("training_state"))

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import itertools
+import os
 import sys
 import tempfile
 import time
@@ -29,17 +30,13 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "shakespeare.txt"
 
-# Command-line flags that map one to one onto TrainingConfig fields.
-CONFIG_FLAGS = {
-    "size": "model_size", "tokenizer": "tokenizer", "epochs": "epochs", "max_steps": "max_steps",
-    "time_budget": "time_budget", "batch_size": "batch_size", "learning_rate": "learning_rate",
-    "max_context": "max_context", "val_frequency": "val_frequency", "checkpoint_frequency": "checkpoint_frequency",
-    "sample_frequency": "sample_frequency", "temperature": "temperature",
-    "metrics_csv": "metrics_csv_enabled", "lowercase": "lowercase",
-    "normalize_whitespace": "normalize_whitespace", "seed": "seed", "device": "device",
-    "dtype": "dtype", "compile": "compile", "out_dir": "out_dir", "n_layer": "n_layer",
-    "n_head": "n_head", "n_embd": "n_embd", "dropout": "dropout", "init_from": "init_from",
-}
+# Command-line flags that set the TrainingConfig field of the same name, then the two that differ.
+CONFIG_FLAGS = {name: name for name in (
+    "tokenizer", "vocab_size", "epochs", "max_steps", "time_budget", "batch_size", "learning_rate",
+    "max_context", "val_frequency", "checkpoint_frequency", "sample_frequency", "temperature",
+    "lowercase", "normalize_whitespace", "seed", "device", "dtype", "compile", "out_dir", "n_layer",
+    "n_head", "n_embd", "dropout", "init_from")}
+CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -56,8 +53,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="JSON file of TrainingConfig fields")
     p.add_argument("--size", help=f"model size: {', '.join(tinyllm.MODEL_SIZES.names())}")
     p.add_argument("--tokenizer", help=f"tokenizer: {', '.join(tinyllm.TOKENIZERS.names())}")
+    p.add_argument("--vocab-size", type=int, help="vocabulary size of a tokenizer that learns one (bpe: 768)")
     for flag, kind in [("epochs", int), ("max-steps", int), ("time-budget", float), ("batch-size", int),
-                       ("learning-rate", float), ("max-context", int), ("val-frequency", int), ("checkpoint-frequency", int),
+                       ("learning-rate", float), ("max-context", int), ("val-frequency", int),
+                       ("checkpoint-frequency", int),
                        ("sample-frequency", int), ("temperature", float), ("seed", int),
                        ("n-layer", int), ("n-head", int), ("n-embd", int), ("dropout", float)]:
         p.add_argument(f"--{flag}", type=kind)
@@ -75,7 +74,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--plot", action="store_true", help="draw loss.png from <out-dir>/metrics.csv, then exit")
     g = p.add_argument_group("using a trained model")
     g.add_argument("--generate", action="store_true", help="stream a sample instead of training")
-    g.add_argument("--evaluate", action="store_true", help="print the checkpoint's full validation loss on --data")
+    g.add_argument("--evaluate", action="store_true", help="print the full validation loss on --data")
     g.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: <out-dir>/best.pt)")
     g.add_argument("--quantize", choices=["int8"], help="int8 weights: with --generate or --evaluate, "
                    "in memory; alone, write <checkpoint>.int8.pt")
@@ -89,7 +88,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> tinyllm.TrainingConfig:
     """Defaults, overridden by the fields in --config, overridden by each flag given."""
-    flags = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
+    flags = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
+             if getattr(args, flag) is not None}
     if args.config:
         return tinyllm.TrainingConfig.from_json(args.config, **flags)
     return tinyllm.TrainingConfig.from_dict(flags)
@@ -112,8 +112,9 @@ def download(url: str, path: Path, sha256: str, timeout: float = 30.0) -> Path:
                 raise tinyllm.TinyLLMError(f"download from {url} has sha256 {digest.hexdigest()}, "
                                            f"expected {sha256}; download it by hand and save it as {path}")
     except (urllib.error.URLError, OSError) as e:
-        raise tinyllm.TinyLLMError(f"could not download {url} ({getattr(e, 'reason', None) or e}); "
-                                   f"if you are offline, fetch that file elsewhere and save it as {path}") from None
+        reason = getattr(e, "reason", None) or e
+        raise tinyllm.TinyLLMError(f"could not download {url} ({reason}); if you are offline, "
+                                   f"fetch that file elsewhere and save it as {path}") from None
     return path
 
 
@@ -175,7 +176,8 @@ def benchmark_generation(args: argparse.Namespace) -> None:
             text = "".join(pieces)
             runs.append(len(checkpoint.tokenizer.encode(text)) / (time.perf_counter() - start))
         rates[use_cache] = sorted(runs)[1]
-    print(f"{checkpoint.model.num_parameters():,} parameters{', int8' if checkpoint.model.quantization else ''}, "
+    int8 = ", int8" if checkpoint.model.quantization else ""
+    print(f"{checkpoint.model.num_parameters():,} parameters{int8}, "
           f"{args.num_chars} tokens: {rates[True]:,.0f} tokens/s with the KV cache, {rates[False]:,.0f} "
           f"without; {rates[True] / rates[False]:.1f}x faster")
 
@@ -186,12 +188,12 @@ def evaluate(args: argparse.Namespace) -> None:
     config = checkpoint.config
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
     text = tinyllm.prepare_text(text, config.lowercase, config.normalize_whitespace)
-    ids = torch.tensor(checkpoint.tokenizer.encode(text), dtype=torch.long)
-    _, val_ids = tinyllm.split_train_val(ids, config.val_fraction, config.max_context)
+    _, val_ids = tinyllm.split_train_val(text, checkpoint.tokenizer, config.val_fraction, config.max_context)
     start = time.perf_counter()
     loss = tinyllm.evaluate_full(checkpoint.model, val_ids, config.batch_size)
-    print(f"full validation loss {loss:.4f} on {len(val_ids):,} tokens ({time.perf_counter() - start:.1f} s, "
-          f"{checkpoint.model.quantization or 'float'} weights)")
+    bits = tinyllm.bits_per_char(loss, len(val_ids), int(len(text) * config.val_fraction))
+    print(f"full validation loss {loss:.4f} ({bits:.3f} bits/char) on {len(val_ids):,} tokens "
+          f"({time.perf_counter() - start:.1f} s, {checkpoint.model.quantization or 'float'} weights)")
 
 
 def quantize(args: argparse.Namespace) -> None:
@@ -214,7 +216,8 @@ def benchmark(args: argparse.Namespace) -> None:
         config = dataclasses.replace(build_config(args), out_dir=out_dir)
         trainer = tinyllm.Trainer(config, text, progress=False, quiet=True)
         batches = (batch for _ in itertools.count() for batch in tinyllm.epoch_loader(
-            trainer.train_ids, config.max_context, config.batch_size, trainer.generator))  # endless
+            trainer.train_ids, config.max_context, config.batch_size, trainer.generator, trainer.rank,
+            trainer.world_size))  # endless
         for _ in range(5):  # warm-up (and compilation, with --compile)
             trainer.train_step(*next(batches), config.learning_rate).item()
         rates = []
@@ -222,10 +225,14 @@ def benchmark(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             losses = [trainer.train_step(*next(batches), config.learning_rate) for _ in range(30)]
             losses[-1].item()  # wait for the device to finish
-            rates.append(30 * config.batch_size * config.max_context / (time.perf_counter() - start))
+            tokens = 30 * config.batch_size * config.max_context * trainer.world_size
+            rates.append(tokens / (time.perf_counter() - start))
     rate = sorted(rates)[1]
+    if not trainer.is_main:
+        return
+    processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
     print(f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide, context "
-          f"{config.max_context}, batch {config.batch_size}, {trainer.model.num_parameters():,} parameters, "
+          f"{config.max_context}, batch {config.batch_size}{processes}, {trainer.model.num_parameters():,} parameters, "
           f"{trainer.device} {str(trainer.dtype).replace('torch.', '')}: {rate:,.0f} tokens/s "
           f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * trainer.mfu(rate):.1f}% "
           f"of {trainer.peak_flops / 1e12:.2f} TFLOP/s")
@@ -242,10 +249,15 @@ def train(args: argparse.Namespace) -> None:
                                         compile=args.compile)
     else:
         config = build_config(args)
+    # Under torchrun, process 0 downloads the text while the others wait for it.
+    _, rank, _ = tinyllm.init_distributed(tinyllm.resolve_device(config.device))
+    if rank == 0 and not args.data:
+        shakespeare_text(DEFAULT_DATA)
+    tinyllm.barrier()
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
     trainer = tinyllm.Trainer(config, text, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
-    if not args.quiet:
+    if summary and not args.quiet:
         print(f"\nfull validation loss {summary['full_val_loss']:.4f} after {summary['steps']} steps "
               f"({summary['elapsed_seconds']:.0f} s, {summary['tokens_per_second']:.0f} tokens/s); "
               f"files in {config.out_dir}/\n\n{summary['sample']}")
@@ -253,6 +265,17 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what the flags ask; a user mistake becomes one line on stderr (from one process only,
+    under torchrun, since every process meets the same mistake) and exit code 2."""
+    quiet_process = os.environ.get("RANK", "0") != "0"
     try:
         if args.plot:
             print(f"wrote {tinyllm.plot_losses(args.out_dir or 'out')}")
@@ -265,12 +288,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             benchmark(args) if args.benchmark else train(args)
     except tinyllm.TinyLLMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet_process:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except tinyllm.TrainingInterrupted as e:  # last.pt is saved, and the log said how to resume
         return e.exit_code
     except OSError as e:  # a full disk or a vanished directory: still one line, not a traceback
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        if not quiet_process:
+            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
     return 0
 
