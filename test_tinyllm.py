@@ -132,6 +132,21 @@ def test_bpe_learns_frequent_pairs_first_and_stops_at_the_vocabulary_size():
         TrainingConfig(vocab_size=100)
 
 
+def test_training_with_bpe_reports_bits_per_character_and_samples_text(tmp_path):
+    config = tiny_config(tmp_path, tokenizer="bpe", vocab_size=300, max_steps=20, lowercase=False)
+    summary = tinyllm.Trainer(config, PLAY, progress=False, quiet=True).train()
+    val_text = PLAY[len(PLAY) - int(len(PLAY) * config.val_fraction):]
+    checkpoint = tinyllm.load_checkpoint(tmp_path / "out" / "best.pt")
+    assert isinstance(checkpoint.tokenizer, tinyllm.BytePairTokenizer)
+    assert checkpoint.tokenizer.vocab_size == 300
+    tokens = len(checkpoint.tokenizer.encode(val_text))
+    assert summary["full_val_bits_per_char"] == pytest.approx(
+        summary["full_val_loss"] * tokens / (len(val_text) * math.log(2)))
+    assert "bits/char" in (tmp_path / "out" / "tinyllm_training.log").read_text()
+    text = tinyllm.sample_text(checkpoint.model, checkpoint.tokenizer, "ROMEO:", 30, seed=1, lowercase=False)
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
 def test_registry_lists_known_names_on_a_miss():
     assert {"tiny", "small", "medium"} <= set(tinyllm.MODEL_SIZES.names())
     message = "unknown model size 'huge'; choose one of: large, medium, small, tiny"
@@ -1152,8 +1167,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     results = {}
     for world_size, batch_size in [(1, 16), (2, 8)]:
         path = tmp_path / f"{world_size}.pt"
-        torch.multiprocessing.spawn(first_step_in_process, nprocs=world_size,
-                                    args=(world_size, free_port(), batch_size, str(tmp_path / "out"), str(path)))
+        args = (world_size, free_port(), batch_size, str(tmp_path / "out"), str(path))
+        torch.multiprocessing.spawn(first_step_in_process, nprocs=world_size, args=args)
         results[world_size] = torch.load(path)
     one, two = results[1], results[2]
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
@@ -1182,8 +1197,8 @@ def test_torchrun_trains_with_one_writer_and_a_checkpoint_one_process_loads(tmp_
     assert "batch 8 per process x 2 processes = 16" in log and log.count("stopped after 20 steps") == 1
     assert len(list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))) == 2
     checkpoint = tinyllm.load_checkpoint(tmp_path / "out" / "last.pt")
-    assert checkpoint.step == 20 and tinyllm.generate(checkpoint.model, torch.zeros(1, 1, dtype=torch.long), 5) \
-        .shape == (1, 6)
+    assert checkpoint.step == 20
+    assert tinyllm.generate(checkpoint.model, torch.zeros(1, 1, dtype=torch.long), 5).shape == (1, 6)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens_seen"] == 20 * 16 * 32
 
 
