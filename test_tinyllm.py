@@ -699,6 +699,7 @@ def test_fine_tuning_grows_the_vocabulary_and_keeps_the_old_logits(tmp_path):
     trainer = tinyllm.Trainer(config, new_text, progress=False, quiet=True)
     # The architecture and preprocessing come from the checkpoint, not from the config passed in.
     assert (trainer.config.n_embd, trainer.config.max_context, trainer.config.lowercase) == (32, 32, True)
+    assert trainer.steps_per_epoch == len(TokenWindows(trainer.train_ids, 32)) // 8
     assert trainer.tokenizer.chars[:old_vocab] == start.tokenizer.chars
     added = trainer.tokenizer.chars[old_vocab:]
     assert added == sorted(set(prepare_text(new_text)) - set(start.tokenizer.chars)) and "z" in added

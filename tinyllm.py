@@ -1167,25 +1167,10 @@ class Trainer:
         self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
         self.peak_flops = measure_peak_flops(self.device, self.dtype)
         start = saved or (self._fine_tuning_start(config.init_from) if config.init_from else None)
-        config = self.config
-        text = prepare_text(text, config.lowercase, config.normalize_whitespace)
-        if start is None:
-            self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text, vocab_size=config.vocab_size)
-        else:
-            self.tokenizer, self.added_tokens = start.tokenizer, start.tokenizer.extend(text)
-        train_ids, val_ids = split_train_val(text, self.tokenizer, config.val_fraction, config.max_context)
-        self.val_chars = int(len(text) * config.val_fraction)
-        self.data_sha256 = hashlib.sha256(torch.cat([train_ids, val_ids]).numpy().tobytes()).hexdigest()
-        self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
-        self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
-                                         config.val_batches, config.seed)
-        try:  # fail now, not mid-run
-            self.tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase,
-                                               config.normalize_whitespace))
-        except TinyLLMError as e:
-            raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
+        config = self.config  # fine-tuning takes the saved model's shape and preprocessing
+        self._prepare_data(text, start.tokenizer if start else None)
         self.generator = torch.Generator().manual_seed(config.seed)
-        batches = len(TokenWindows(train_ids, config.max_context)) // config.batch_size
+        batches = len(TokenWindows(self.train_ids, config.max_context)) // config.batch_size
         self.steps_per_epoch = max(1, batches // self.world_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
@@ -1199,6 +1184,26 @@ class Trainer:
         self.elapsed_before, self.untimed_before = 0.0, 0.0
         if saved:
             self._restore(saved)
+
+    def _prepare_data(self, text: str, tokenizer: Optional[Tokenizer]) -> None:
+        """Preprocess, tokenize (fitting a new tokenizer, or growing a saved one) and split the text."""
+        config = self.config
+        text = prepare_text(text, config.lowercase, config.normalize_whitespace)
+        if tokenizer is None:
+            self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text, vocab_size=config.vocab_size)
+        else:
+            self.tokenizer, self.added_tokens = tokenizer, tokenizer.extend(text)
+        train_ids, val_ids = split_train_val(text, self.tokenizer, config.val_fraction, config.max_context)
+        self.val_chars = int(len(text) * config.val_fraction)
+        self.data_sha256 = hashlib.sha256(torch.cat([train_ids, val_ids]).numpy().tobytes()).hexdigest()
+        self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
+        self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
+                                         config.val_batches, config.seed)
+        try:  # fail now, not mid-run
+            self.tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase,
+                                               config.normalize_whitespace))
+        except TinyLLMError as e:
+            raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
 
     def _fine_tuning_start(self, path: str) -> Checkpoint:
         """Fine-tuning keeps the saved model's architecture, tokenizer and text preprocessing; the
