@@ -888,6 +888,16 @@ def test_cli_generate_samples_reproducibly_with_top_k_top_p_and_a_stop_string(tr
     assert stopped == greedy[:greedy.index(stop, len("romeo:"))] + "\n"
 
 
+def test_ctrl_c_while_generating_ends_quietly_with_exit_code_130(trained_run):
+    tmp, _ = trained_run
+    process = start_cli("--generate", "--out-dir", tmp / "out", "--num-chars", 10**6)
+    first_line = process.stdout.readline()  # generation has started
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and first_line
+    assert stderr.strip() == "interrupted" and "Traceback" not in stderr
+
+
 def test_cli_quantizes_evaluates_and_generates_with_int8(trained_run):
     tmp, _ = trained_run
     result = run_cli("--quantize", "int8", "--checkpoint", tmp / "out" / "best.pt")

@@ -293,6 +293,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except tinyllm.TrainingInterrupted as e:  # last.pt is saved, and the log said how to resume
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-written is kept
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except OSError as e:  # a full disk or a vanished directory: still one line, not a traceback
         if not quiet_process:
             print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
