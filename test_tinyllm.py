@@ -893,7 +893,10 @@ def test_ctrl_c_while_generating_ends_quietly_with_exit_code_130(trained_run):
     process = start_cli("--generate", "--out-dir", tmp / "out", "--num-chars", 10**6)
     first_line = process.stdout.readline()  # generation has started
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
     assert process.returncode == 130 and first_line
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr
 
@@ -951,8 +954,11 @@ def test_cli_benchmark_prints_throughput(tmp_path):
 
 
 def start_cli(*args):
+    """Start the command line as a terminal would: a test runner started in the background
+    passes an ignored SIGINT on to its children, so the default action is restored."""
     return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, timeout=120.0):
@@ -1017,7 +1023,10 @@ def test_a_signal_saves_last_pt_and_says_how_to_resume(tmp_path, signal_number, 
     metrics = out / "metrics.csv"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 1)
     process.send_signal(signal_number)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
     assert process.returncode == exit_code, stderr
     assert "Traceback" not in stderr + stdout
     stopped_at = tinyllm.load_checkpoint(out / "last.pt").step

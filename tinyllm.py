@@ -1458,7 +1458,9 @@ class Trainer:
             return
         def remember(signal_number: int, frame: Any) -> None:
             self.stop_signal = signal_number
-        previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A signal the parent set to be ignored (as a shell does for background jobs) stays ignored.
+        previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
         try:
             yield
         finally:
