@@ -1211,10 +1211,11 @@ def test_torchrun_trains_with_one_writer_and_a_checkpoint_one_process_loads(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     expected = {"best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log", "metrics.csv",
                 "samples.txt", "summary.json"}
-    assert expected <= {p.name for p in (tmp_path / "out").iterdir()}
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert expected <= names and not [name for name in names if name.endswith(".tmp")], (names, result.stderr)
     log = (tmp_path / "out" / "tinyllm_training.log").read_text()
-    assert "batch 8 per process x 2 processes = 16" in log and log.count("stopped after 20 steps") == 1
+    assert "batch 8 per process x 2 processes = 16" in log, log
+    assert log.count("stopped after 20 steps") == 1, log
     assert len(list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))) == 2
     checkpoint = tinyllm.load_checkpoint(tmp_path / "out" / "last.pt")
     assert checkpoint.step == 20

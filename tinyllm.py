@@ -1176,7 +1176,7 @@ class Trainer:
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self._build_model(start.model if start else None)
-        self.step, self.epoch, self.epochs_completed, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0  # epoch: those completed
         self.best_val_loss, self.last_val_loss, self.last_val_step = math.inf, math.nan, -1
         self.bad_validations = 0
         self.recent_losses: List[torch.Tensor] = []  # each step's loss since the last validation
@@ -1248,8 +1248,8 @@ class Trainer:
             self.optimizer.load_state_dict(saved.optimizer_state)
             self.scaler.load_state_dict(state["scaler"])
             self.step, self.epoch, self.best_val_loss = saved.step, saved.epoch, saved.best_val_loss
-            for name in ("epochs_completed", "batch_in_epoch", "tokens_seen", "bad_validations",
-                         "last_val_loss", "last_val_step", "epoch_rng_state"):
+            for name in ("batch_in_epoch", "tokens_seen", "bad_validations", "last_val_loss",
+                         "last_val_step", "epoch_rng_state"):
                 setattr(self, name, state[name])
             self.recent_losses = list(state["recent_losses"].to(self.device))
             self.elapsed_before, self.untimed_before = state["elapsed_seconds"], state["untimed_seconds"]
@@ -1260,8 +1260,7 @@ class Trainer:
     def _training_state(self) -> dict:
         """What `_restore` needs beyond the model, optimizer and step: tensors and plain data only."""
         return {
-            "epochs_completed": self.epochs_completed, "batch_in_epoch": self.batch_in_epoch,
-            "tokens_seen": self.tokens_seen,
+            "batch_in_epoch": self.batch_in_epoch, "tokens_seen": self.tokens_seen,
             "bad_validations": self.bad_validations, "last_val_loss": self.last_val_loss,
             "last_val_step": self.last_val_step, "epoch_rng_state": self.epoch_rng_state,
             "recent_losses": torch.stack(self.recent_losses).cpu() if self.recent_losses else torch.zeros(0),
@@ -1469,7 +1468,7 @@ class Trainer:
 
     def _run_epochs(self) -> str:
         config = self.config
-        for self.epoch in range(self.epochs_completed, config.epochs):
+        while self.epoch < config.epochs:
             if self.batch_in_epoch == 0:
                 self.epoch_rng_state = self.generator.get_state()
             self.generator.set_state(self.epoch_rng_state)  # resuming mid-epoch replays its shuffle
@@ -1485,7 +1484,7 @@ class Trainer:
                 self.tokens_seen += y.numel() * self.world_size
                 self.bar.update()
                 self._after_step()
-            self.batch_in_epoch, self.epochs_completed = 0, self.epochs_completed + 1
+            self.batch_in_epoch, self.epoch = 0, self.epoch + 1
         return "epochs"
 
     def _after_step(self) -> None:
@@ -1650,7 +1649,7 @@ class Trainer:
             "best_val_loss": self.best_val_loss, "final_val_loss": self.last_val_loss,
             "full_val_loss": full_val_loss, "full_val_bits_per_char": self.bits_per_char(full_val_loss),
             "steps": self.step,
-            "epochs_completed": self.epochs_completed,
+            "epochs_completed": self.epoch,
             "tokens_seen": self.tokens_seen, "tokens_per_second": round(tokens_per_second, 1),
             "mfu": round(self.mfu(tokens_per_second), 4), "peak_tflops": round(self.peak_flops / 1e12, 3),
             "elapsed_seconds": round(time.perf_counter() - self.start_time, 3),
