@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import functools
+import gc
 import hashlib
 import http.server
 import importlib.util
@@ -1180,6 +1181,9 @@ def first_step_in_process(rank, world_size, port, batch_size, out_dir, result_pa
     if rank == 0:
         grads = {name: p.grad for name, p in trainer.model.named_parameters()}
         torch.save({"loss": mean_loss, "grads": grads}, result_path)
+    del trainer, loader, loss  # DistributedDataParallel goes before the process group it uses
+    gc.collect()
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

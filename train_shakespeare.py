@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import itertools
 import os
@@ -265,11 +266,13 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    code = run(args)
+    if torch.distributed.is_initialized():
+        gc.collect()  # DistributedDataParallel must go before the process group it uses
+        if code == 0:  # and no process closes its connections while another still uses them
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return code
 
 
 def run(args: argparse.Namespace) -> int:
