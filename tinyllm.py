@@ -1496,7 +1496,9 @@ class Trainer:
         if self.step % config.sample_frequency == 0:
             self._sample()
         if self.step % config.checkpoint_frequency == 0:
+            started = time.perf_counter()
             self._save_last()
+            self._exclude_from_throughput(started)
 
     def _log_first_step(self) -> None:
         """The first step compiles and warms up: report it, and keep it out of the tokens/s."""
