@@ -907,21 +907,17 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     was_training = model.training
     model.eval()
     try:
-        context = idx[:, -model.max_context:]
-        cache = KVCache(model, idx.shape[0]) if use_cache else None
-        logits = model(context, cache=cache)[0][:, -1]
-        for i in range(max_new_tokens):
+        context, cache = idx[:, -model.max_context:], None
+        new = context  # the tokens the cache has not seen yet
+        for _ in range(max_new_tokens):
+            if context.shape[1] > model.max_context:  # the window jumps; the cache is rebuilt
+                context, cache = context[:, -(model.max_context // 2 or 1):], None
+            if use_cache and cache is None:
+                cache, new = KVCache(model, idx.shape[0]), context
+            logits = model(new if use_cache else context, cache=cache)[0][:, -1]
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             yield next_id
-            if i == max_new_tokens - 1:
-                break
-            context = torch.cat([context, next_id], dim=1)
-            if context.shape[1] > model.max_context:  # the window jumps; rebuild the cache
-                context = context[:, -(model.max_context // 2 or 1):]
-                cache = KVCache(model, idx.shape[0]) if use_cache else None
-                logits = model(context, cache=cache)[0][:, -1]
-            else:
-                logits = model(next_id if use_cache else context, cache=cache)[0][:, -1]
+            context, new = torch.cat([context, next_id], dim=1), next_id
     finally:  # also when the caller stops early, e.g. at a stop string
         model.train(was_training)
 
@@ -1310,7 +1306,9 @@ class Trainer:
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.eager_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.train_model = torch.compile(self.eager_model, dynamic=False) if self.compiled else self.eager_model
+        self.train_model = self.eager_model
+        if self.compiled:
+            self.train_model = torch.compile(self.eager_model, dynamic=False)
         self.optimizer = self._make_optimizer()
         scaler_cls = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
         self.scaler = scaler_cls(enabled=self.dtype == torch.float16)
@@ -1439,11 +1437,12 @@ class Trainer:
             stopped_because = self._run_epochs()
         if stopped_because == "interrupted":
             self._save_last()
-            name = signal.Signals(self.stop_signal or signal.SIGTERM).name  # another process's signal
-            message = (f"stopped by {name} after step {self.step}; {self.out_dir / 'last.pt'} holds the run. "
+            signal_number = self.stop_signal or signal.SIGTERM  # or another process's signal
+            message = (f"stopped by {signal.Signals(signal_number).name} after step {self.step}; "
+                       f"{self.out_dir / 'last.pt'} holds the run. "
                        "Continue it with --resume and the same --out-dir and --data")
             logger.warning(message)
-            raise TrainingInterrupted(self.stop_signal or signal.SIGTERM, message)
+            raise TrainingInterrupted(signal_number, message)
         if self.last_val_step != self.step:
             self._validate()
         return stopped_because
