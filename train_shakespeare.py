@@ -175,7 +175,8 @@ def benchmark_generation(args: argparse.Namespace) -> None:
             _, pieces = generation_stream(args, checkpoint, seed=seed, use_cache=use_cache)
             start = time.perf_counter()
             text = "".join(pieces)
-            runs.append(len(checkpoint.tokenizer.encode(text)) / (time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            runs.append(len(checkpoint.tokenizer.encode(text)) / seconds)
         rates[use_cache] = sorted(runs)[1]
     int8 = ", int8" if checkpoint.model.quantization else ""
     print(f"{checkpoint.model.num_parameters():,} parameters{int8}, "
