@@ -1,8 +1,9 @@
 """tinyllm: train a character-level transformer language model, in one readable file.
 
-The module reads top to bottom in the order data flows: errors and registries, tokenizers,
-the configuration, data, the model, sampling, training, then metrics and checkpoints.
-Copy this file into your project or `from tinyllm import TransformerModel`.
+It reads top to bottom in the order data flows: registries, the character tokenizer, the
+configuration, data and batching, the model, sampling, metrics and checkpoints, the trainer.
+Copy this file alone into a project, or `from tinyllm import TransformerModel`. Optional features
+live in plug-in modules beside it (see README.md) and attach through its registries and hooks.
 """
 from __future__ import annotations
 
@@ -10,137 +11,112 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib
 import itertools
 import json
 import logging
 import math
 import os
-import random
 import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 import typing
-import warnings
-from collections import Counter, defaultdict
-from dataclasses import dataclass
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
-from tqdm import tqdm
 
-__all__ = [
-    "TinyLLMError", "TrainingInterrupted", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer",
-    "CharacterTokenizer",
-    "BytePairTokenizer", "load_tokenizer", "TrainingConfig", "prepare_text", "load_text", "split_train_val",
-    "bits_per_char",
-    "TokenWindows", "TransformerModel", "KVCache", "generate", "generate_tokens", "stream_text",
-    "sample_text", "evaluate_full", "Trainer",
-    "Int8Linear", "quantize_int8", "MetricsLogger", "plot_losses", "Checkpoint", "save_checkpoint",
-    "load_checkpoint", "atomic_write",
-]
-
+__all__ = [  # the last seven live in plug-in modules and are imported from there on first use
+    "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "QUANTIZATIONS", "atomic_write", "Tokenizer",
+    "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text", "load_text",
+    "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches", "TransformerModel",
+    "KVCache", "generate", "generate_tokens", "encode_prompt", "sample_text", "evaluate_full", "MetricsLogger",
+    "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock", "RunDirectory", "Callback",
+    "World", "Trainer", "BytePairTokenizer", "stream_text", "Int8Linear", "quantize_int8", "plot_losses",
+    "TrainingInterrupted"]
+PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "stream_text": "tinyllm_inference",
+                "Int8Linear": "tinyllm_inference", "quantize_int8": "tinyllm_inference",
+                "plot_losses": "tinyllm_hooks", "TrainingInterrupted": "tinyllm_hooks"}
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger("tinyllm")
 
+
+def __getattr__(name: str) -> Any:
+    """`tinyllm.BytePairTokenizer` and the other plug-in names, imported when first used."""
+    if name in PLUGIN_NAMES:
+        return getattr(importlib.import_module(PLUGIN_NAMES[name]), name)
+    raise AttributeError(f"module 'tinyllm' has no attribute {name!r}")
+
+
 # ----------------------------------------------------------------------------------------------
-# Errors and registries
+# Errors, registries and files
 
 
 class TinyLLMError(ValueError):
     """A user mistake: the message says what was wrong and how to fix it."""
 
 
-class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT (Ctrl-C) or SIGTERM after saving last.pt; `exit_code` follows the
-    shell's convention of 128 + the signal number (130, 143)."""
-
-    def __init__(self, signal_number: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signal_number
-
-
 class Registry:
-    """A named table of classes or entries, so a new one is added with one decorator or call.
+    """A named table of entries, so a new tokenizer or model size is one decorator or call.
 
-    Installed packages may add entries under the entry-point group `group` (a plugin); they are
-    loaded the first time the table is read, and `check` vets each one.
+    An entry may be a "module:attribute" string, imported the first time its name is looked up,
+    so an optional plug-in costs nothing until it is used. `check` vets each entry.
     """
 
-    def __init__(self, kind: str, group: Optional[str] = None,
-                 check: Callable[[Any], None] = lambda entry: None):
-        self.kind, self.group, self.check = kind, group, check
-        self._entries: Dict[str, Any] = {}
-        self._plugins_loaded = group is None
+    def __init__(self, kind: str, check: Callable[[str, Any], None] = lambda name, entry: None):
+        self.kind, self.check, self.entries = kind, check, {}
 
     def register(self, name: str, entry: Any = None) -> Any:
         """Register `entry` under `name`; without `entry`, return a decorator that does."""
         if entry is None:
             return lambda obj: self.register(name, obj)
-        self._entries[name] = entry
+        if not isinstance(entry, str):
+            self.check(name, entry)
+        self.entries[name] = entry
         return entry
 
-    def _table(self) -> Dict[str, Any]:
-        if not self._plugins_loaded:
-            self._plugins_loaded = True
-            found = metadata.entry_points()
-            if hasattr(found, "select"):
-                plugins = found.select(group=self.group)
-            else:  # Python 3.9 returns a dict of groups
-                plugins = found.get(self.group, [])
-            for plugin in plugins:
-                self._load_plugin(plugin)
-        return self._entries
-
-    def _load_plugin(self, plugin: metadata.EntryPoint) -> None:
-        """A broken plugin gets a warning that names it, never a crash of unrelated commands."""
-        if plugin.name in self._entries:
-            warnings.warn(f"tinyllm: {self.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: "
-                          "that name is already taken")
-            return
-        try:
-            entry = plugin.load()
-            self.check(entry)
-        except Exception as e:
-            warnings.warn(f"tinyllm: {self.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: "
-                          f"{type(e).__name__}: {e}")
-            return
-        self._entries[plugin.name] = entry
-
     def __getitem__(self, name: str) -> Any:
-        if name not in self._table():
+        if name not in self.entries:
             raise TinyLLMError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
-        return self._entries[name]
+        if isinstance(self.entries[name], str):
+            module, _, attribute = self.entries[name].partition(":")
+            try:
+                self.register(name, getattr(importlib.import_module(module), attribute))
+            except (ImportError, AttributeError, TypeError) as e:
+                raise TinyLLMError(f"{self.kind} {name!r} needs {module}.py beside tinyllm.py, and it "
+                                   f"could not be loaded ({e})") from None
+        return self.entries[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._table()
+        return name in self.entries
 
     def names(self) -> List[str]:
-        return sorted(self._table())
+        return sorted(self.entries)
 
 
-def _check_tokenizer_class(entry: Any) -> None:
+def _check_tokenizer(name: str, entry: Any) -> None:
     if not (isinstance(entry, type) and issubclass(entry, Tokenizer)):
         raise TypeError(f"expected a subclass of tinyllm.Tokenizer, got {entry!r}")
+    if "type_name" not in vars(entry):  # files and checkpoints name a tokenizer by its registered name
+        entry.type_name = name
 
 
-def _check_model_size(entry: Any) -> None:
+def _check_model_size(name: str, entry: Any) -> None:
     if not isinstance(entry, dict) or not set(entry) <= set(MODEL_FIELDS):
         raise TypeError(f"expected a dict with keys among {', '.join(MODEL_FIELDS)}, got {entry!r}")
 
 
-TOKENIZERS = Registry("tokenizer", "tinyllm.tokenizers", _check_tokenizer_class)
-MODEL_SIZES = Registry("model size", "tinyllm.model_sizes", _check_model_size)
-# Each size is a dict of model fields; TrainingConfig fills the fields a user left unset.
+TOKENIZERS = Registry("tokenizer", _check_tokenizer)
+TOKENIZERS.register("bpe", "tinyllm_bpe:BytePairTokenizer")
+QUANTIZATIONS = Registry("quantization")  # a name -> a function that quantizes a model in place
+QUANTIZATIONS.register("int8", "tinyllm_inference:quantize_int8")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout")  # what a model size may set
+MODEL_SIZES = Registry("model size", _check_model_size)
 MODEL_SIZES.register("tiny", {"n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0})
 MODEL_SIZES.register("small", {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0})
 MODEL_SIZES.register("medium", {"n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2})
@@ -149,10 +125,8 @@ MODEL_SIZES.register("large", {"n_layer": 8, "n_head": 8, "n_embd": 512, "dropou
 
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[typing.IO]:
-    """Write to a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A reader (or a crash) never sees half a file, and the old file survives any failure.
-    """
+    """Write to a temporary file beside `path`, fsync it, then rename it over `path`: a reader (or a
+    crash) never sees half a file, and the old file survives any failure."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -160,7 +134,9 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[typing.IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -168,13 +144,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[typing.IO]:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _read_json(path: PathLike, what: str) -> dict:
+def read_json(path: PathLike, what: str) -> dict:
     """Read a JSON object from `path`, turning every way that can fail into a TinyLLMError."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -189,35 +159,36 @@ def _read_json(path: PathLike, what: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizers
+# The character tokenizer
 
 
 class Tokenizer:
     """Base class. Subclasses define `fit`, `encode`, `decode`, `vocab_size`, and `state()` /
     `set_state(state)` to turn themselves into plain JSON data and back."""
 
-    type_name = ""
+    type_name = ""  # @TOKENIZERS.register sets it to the registered name
     version = 1
     learns_vocabulary = False  # True where fit(text, vocab_size) uses the size (the config's vocab_size)
 
     def save_state(self, path: PathLike) -> None:
         """Save the tokenizer as a language-neutral JSON file."""
         with atomic_write(path, "w") as f:
-            json.dump({"type": self.type_name, "version": self.version, **self.state()}, f,
-                      ensure_ascii=False)
+            json.dump({"type": self.type_name, "version": self.version, **self.state()}, f, ensure_ascii=False)
 
-    def load_state(self, path: PathLike) -> "Tokenizer":
-        """Fill this tokenizer from a JSON file written by `save_state`; returns self."""
-        state = _read_json(path, "tokenizer")
-        if state.get("type") != self.type_name or state.get("version") != self.version:
-            raise TinyLLMError(f"tokenizer file {path} holds type {state.get('type')!r} version "
-                               f"{state.get('version')!r}, expected {self.type_name!r} "
-                               f"version {self.version}")
+    @staticmethod
+    def from_state(state: dict, source: str) -> "Tokenizer":
+        """The registered tokenizer that `state` (from `save_state`, or a checkpoint) names, filled."""
+        if not isinstance(state.get("type"), str):
+            raise TinyLLMError(f"{source} has no string 'type' field")
+        tokenizer = TOKENIZERS[state["type"]]()
+        if state.get("version", tokenizer.version) != tokenizer.version:
+            raise TinyLLMError(f"{source} holds {state['type']!r} version {state.get('version')!r}, "
+                               f"expected version {tokenizer.version}")
         try:
-            self.set_state(state)
+            tokenizer.set_state(state)
         except (KeyError, TypeError, ValueError) as e:
-            raise TinyLLMError(f"tokenizer file {path} is malformed ({e})") from None
-        return self
+            raise TinyLLMError(f"{source} is malformed ({e})") from None
+        return tokenizer
 
     def extend(self, text: str) -> int:
         """Add the tokens `text` needs that the vocabulary lacks, after the existing ones (so their
@@ -229,8 +200,6 @@ class Tokenizer:
 @TOKENIZERS.register("char")
 class CharacterTokenizer(Tokenizer):
     """One token per character; the vocabulary is the sorted set of characters seen in `fit`."""
-
-    type_name = "char"
 
     def __init__(self, chars: Sequence[str] = ()):
         self.set_state({"chars": list(chars)})
@@ -252,8 +221,7 @@ class CharacterTokenizer(Tokenizer):
         chars = state["chars"]
         if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
             raise ValueError("'chars' must be a list of distinct single characters")
-        self.chars = list(chars)
-        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.chars, self.index = list(chars), {c: i for i, c in enumerate(chars)}
 
     @property
     def vocab_size(self) -> int:
@@ -270,111 +238,9 @@ class CharacterTokenizer(Tokenizer):
         return "".join(self.chars[i] for i in ids)
 
 
-def merge_pair(ids: List[int], pair: tuple, new_id: int) -> List[int]:
-    """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`."""
-    merged, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-            merged.append(new_id)
-            i += 2
-        else:
-            merged.append(ids[i])
-            i += 1
-    return merged
-
-
-@TOKENIZERS.register("bpe")
-class BytePairTokenizer(Tokenizer):
-    """Byte-level byte-pair encoding, as in GPT-2: tokens 0-255 are the UTF-8 bytes, and `fit` adds
-    one token at a time for the most frequent adjacent pair, so any text encodes without unknowns.
-
-    Text is first cut into pieces (a word with its leading space, a number, a run of punctuation,
-    whitespace) and merges never cross pieces, so each distinct piece is encoded once and cached.
-    """
-
-    type_name = "bpe"
-    learns_vocabulary = True
-    default_vocab_size = 256 + 512
-    PIECES = re.compile(r" ?[^\W\d]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")  # covers every character
-
-    def __init__(self, merges: Sequence[Sequence[int]] = ()):
-        self.set_state({"merges": [list(pair) for pair in merges]})
-
-    def fit(self, text: str, vocab_size: Optional[int] = None) -> "BytePairTokenizer":
-        """Learn merges until the vocabulary has `vocab_size` tokens (or no pair occurs twice)."""
-        vocab_size = vocab_size or self.default_vocab_size
-        if vocab_size < 256:
-            raise TinyLLMError(f"a byte-level BPE vocabulary needs at least 256 tokens, got {vocab_size}")
-        counts = Counter(self.PIECES.findall(text))
-        pieces, weights = [list(piece.encode("utf-8")) for piece in counts], list(counts.values())
-        pair_counts, holders = Counter(), defaultdict(set)  # pair -> occurrences, and which pieces hold it
-        for index, (ids, weight) in enumerate(zip(pieces, weights)):
-            for pair in zip(ids, ids[1:]):
-                pair_counts[pair] += weight
-                holders[pair].add(index)
-        merges: List[tuple] = []
-        while 256 + len(merges) < vocab_size and pair_counts:
-            best = max(pair_counts, key=pair_counts.__getitem__)
-            if pair_counts[best] < 2:
-                break
-            merges.append(best)
-            for index in holders.pop(best):  # only the pieces holding the pair change
-                ids, weight = pieces[index], weights[index]
-                for pair in zip(ids, ids[1:]):
-                    pair_counts[pair] -= weight
-                pieces[index] = ids = merge_pair(ids, best, 255 + len(merges))
-                for pair in zip(ids, ids[1:]):
-                    pair_counts[pair] += weight
-                    holders[pair].add(index)
-            pair_counts = +pair_counts  # drop the pairs that no longer occur
-        self.set_state({"merges": [list(pair) for pair in merges]})
-        return self
-
-    def state(self) -> dict:
-        return {"merges": [list(pair) for pair in self.merges]}
-
-    def set_state(self, state: dict) -> None:
-        merges = [tuple(pair) for pair in state["merges"]]
-        for rank, pair in enumerate(merges):
-            if len(pair) != 2 or not all(type(i) is int and 0 <= i < 256 + rank for i in pair):
-                raise ValueError(f"merge {rank} must be two ids of earlier tokens, got {list(pair)}")
-        self.merges, self.ranks = merges, {pair: rank for rank, pair in enumerate(merges)}
-        self.token_bytes = [bytes([i]) for i in range(256)]
-        for a, b in merges:
-            self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
-        self.cache: Dict[str, List[int]] = {}
-
-    @property
-    def vocab_size(self) -> int:
-        return 256 + len(self.merges)
-
-    def encode(self, text: str) -> List[int]:
-        ids: List[int] = []
-        for piece in self.PIECES.findall(text):
-            if piece not in self.cache:
-                self.cache[piece] = self._encode_piece(list(piece.encode("utf-8")))
-            ids.extend(self.cache[piece])
-        return ids
-
-    def _encode_piece(self, ids: List[int]) -> List[int]:
-        """Apply the merges in the order they were learned, as `fit` did."""
-        while len(ids) > 1:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            ids = merge_pair(ids, pair, 256 + self.ranks[pair])
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-
 def load_tokenizer(path: PathLike) -> Tokenizer:
-    """Build the registered tokenizer named by the JSON file's `type` and load its state."""
-    kind = _read_json(path, "tokenizer").get("type")
-    if not isinstance(kind, str):
-        raise TinyLLMError(f"tokenizer file {path} has no string 'type' field")
-    return TOKENIZERS[kind]().load_state(path)
+    """Read a tokenizer file written by `Tokenizer.save_state`."""
+    return Tokenizer.from_state(read_json(path, "tokenizer"), f"tokenizer file {path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,14 +248,29 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a TransformerModel (a checkpoint stores it as `model_args`)."""
+
+    vocab_size: int
+    max_context: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise TinyLLMError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) into an "
+                               "even head size (rotary embeddings turn pairs of features)")
 
 
 @dataclass
 class TrainingConfig:
     """Every setting of a training run; model fields left as None come from `model_size`."""
 
-    # The training loop.
     epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 4e-3
@@ -399,17 +280,14 @@ class TrainingConfig:
     sample_frequency: int = 1000
     temperature: float = 0.8
     metrics_csv_enabled: bool = True
-    # The model.
     model_size: str = "small"
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
     dropout: Optional[float] = None
-    # The data.
     lowercase: bool = True
     normalize_whitespace: bool = True
     val_fraction: float = 0.1
-    # The run.
     init_from: Optional[str] = None  # a checkpoint to fine-tune, instead of a fresh model
     tokenizer: str = "char"
     vocab_size: Optional[int] = None  # for tokenizers that learn their vocabulary (bpe); None: theirs
@@ -423,63 +301,64 @@ class TrainingConfig:
     time_budget: Optional[float] = None
     device: str = "auto"
     dtype: str = "auto"
-    compile: Optional[bool] = None
-    out_dir: str = "out"
+    compile: Optional[bool] = None  # None: a plug-in may decide (tinyllm_hooks); the core alone does not
+    out_dir: Optional[str] = "out"  # None: train in memory and write no files
     sample_prompt: str = ""
     sample_length: int = 300
 
+    POSITIVE = ("epochs", "batch_size", "learning_rate", "max_context", "val_frequency", "checkpoint_frequency",
+                "sample_frequency", "temperature", "n_layer", "n_head", "n_embd", "val_batches",
+                "sample_length", "max_steps", "time_budget", "grad_clip", "early_stopping_patience",
+                "vocab_size")
+
     def __post_init__(self) -> None:
         self._check_types()
-        for name, value in MODEL_SIZES[self.model_size].items():
+        size = MODEL_SIZES[self.model_size]
+        for name in MODEL_FIELDS:  # a size may give only some fields; ModelConfig's defaults fill the rest
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                setattr(self, name, size.get(name, MODEL_DEFAULTS[name]))
+        self._check_types()  # again, for the values a size plug-in filled in
         self._check_values()
 
     def _check_types(self) -> None:
-        for field, hint in typing.get_type_hints(type(self)).items():
-            value = getattr(self, field)
-            optional = type(None) in typing.get_args(hint)
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value, optional = getattr(self, name), type(None) in typing.get_args(hint)
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             if value is None and optional:
                 continue
             if base is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value) if abs(value) < 1e300 else math.inf  # inf fails the value checks
-                setattr(self, field, value)
+                setattr(self, name, value)
             if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-                raise TinyLLMError(f"config field {field!r} must be {base.__name__}"
+                raise TinyLLMError(f"config field {name!r} must be {base.__name__}"
                                    f"{' or null' if optional else ''}, got {value!r}")
 
     def _check_values(self) -> None:
-        positive = ["epochs", "batch_size", "learning_rate", "max_context", "val_frequency",
-                    "checkpoint_frequency",
-                    "sample_frequency", "temperature", "n_layer", "n_head", "n_embd",
-                    "val_batches", "sample_length", "max_steps", "time_budget", "grad_clip",
-                    "early_stopping_patience", "vocab_size"]
-        for name in positive:
+        for name in self.POSITIVE:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise TinyLLMError(f"config field {name!r} must be positive, got {value!r}")
-        for name in ("weight_decay", "warmup_steps"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise TinyLLMError(f"config field {name!r} must be zero or more, got {getattr(self, name)!r}")
-        if not 0 <= self.dropout < 1:
-            raise TinyLLMError(f"config field 'dropout' must be in [0, 1), got {self.dropout!r}")
-        if not 0 < self.val_fraction <= 0.5:
-            raise TinyLLMError(f"config field 'val_fraction' must be in (0, 0.5], got {self.val_fraction!r}")
-        check_head_size(self.n_embd, self.n_head)
-        if not 0 <= self.seed < 2**32:
-            raise TinyLLMError(f"config field 'seed' must be in [0, 2**32), got {self.seed!r}")
-        if not self.out_dir:
-            raise TinyLLMError("config field 'out_dir' must name a directory, got ''")
+        for name, ok, shown in [("weight_decay", 0 <= self.weight_decay < math.inf, "zero or more"),
+                                ("warmup_steps", self.warmup_steps >= 0, "zero or more"),
+                                ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                                ("val_fraction", 0 < self.val_fraction <= 0.5, "in (0, 0.5]"),
+                                ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)")]:
+            if not ok:
+                raise TinyLLMError(f"config field {name!r} must be {shown}, got {getattr(self, name)!r}")
+        self.model_config(1)  # checks the head size
+        if self.out_dir == "":
+            raise TinyLLMError("config field 'out_dir' must name a directory (or be null), got ''")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)} "
-                               "(or cuda:N)")
+            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
         if self.dtype not in DTYPES:
             raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
-        tokenizer = TOKENIZERS[self.tokenizer]  # raises TinyLLMError listing the known names
-        if self.vocab_size is not None and not getattr(tokenizer, "learns_vocabulary", False):
+        tokenizer = TOKENIZERS[self.tokenizer]  # an unknown name raises TinyLLMError listing the known ones
+        if self.vocab_size is not None and not tokenizer.learns_vocabulary:
             raise TinyLLMError(f"config field 'vocab_size' applies only to tokenizers that learn their "
                                f"vocabulary, such as bpe; the {self.tokenizer!r} tokenizer has a fixed one")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size, self.max_context, **{f: getattr(self, f) for f in MODEL_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -499,11 +378,14 @@ class TrainingConfig:
     @classmethod
     def from_json(cls, path: PathLike, **overrides: Any) -> "TrainingConfig":
         """Load a config file; `overrides` replace its fields (model fields it omits come from the size)."""
-        return cls.from_dict({**_read_json(path, "config"), **overrides}, source=f"config file {path}")
+        return cls.from_dict({**read_json(path, "config"), **overrides}, source=f"config file {path}")
+
+
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in MODEL_FIELDS}
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Data and batching
 
 
 def prepare_text(text: str, lowercase: bool = True, normalize_whitespace: bool = True) -> str:
@@ -540,16 +422,18 @@ def load_text(path: PathLike) -> str:
                            "convert it, e.g. with iconv -t utf-8") from None
 
 
-def split_train_val(text: str, tokenizer: Tokenizer, val_fraction: float, context: int) -> tuple:
-    """Token ids of the training and the validation text. Validation is the LAST `val_fraction` of
-    the characters, so results compare with other tools, and between tokenizers."""
-    n_val = int(len(text) * val_fraction)
-    train, val = (torch.tensor(tokenizer.encode(part), dtype=torch.long)
-                  for part in (text[:len(text) - n_val], text[len(text) - n_val:]))
+def split_train_val(text: str, tokenizer: Tokenizer, val_fraction: float, context: int,
+                    val_text: Optional[str] = None) -> tuple:
+    """Token ids of the training and the validation text. Validation is `val_text` if given, else
+    the LAST `val_fraction` of the characters, so results compare with other tools and tokenizers."""
+    if val_text is None:
+        n_val = int(len(text) * val_fraction)
+        text, val_text = text[:len(text) - n_val], text[len(text) - n_val:]
+    train, val = (torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in (text, val_text))
     if len(val) < context + 1 or len(train) < context + 1:
-        raise TinyLLMError(f"text too short: {len(text)} characters give {len(train)} training and "
-                           f"{len(val)} validation tokens, but each needs at least max_context + 1 = "
-                           f"{context + 1}; use more text or a smaller --max-context")
+        raise TinyLLMError(f"text too short: {len(text) + len(val_text)} characters give {len(train)} "
+                           f"training and {len(val)} validation tokens, but each needs at least "
+                           f"max_context + 1 = {context + 1}; use more text or a smaller --max-context")
     return train, val
 
 
@@ -559,10 +443,10 @@ def bits_per_char(loss: float, tokens: int, chars: int) -> float:
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping context windows over one token tensor: item i is (x, y) = (ids[s:s+T], ids[s+1:s+T+1]).
+    """Non-overlapping windows over a token tensor: item i is (ids[s:s+T], ids[s+1:s+T+1]), s = offset + i*T.
 
-    `offset` shifts every window, so a fresh random offset each epoch shows the model new cuts.
-    An item may be a list of indices: the batch is then cut in one gather, with no Python loop.
+    A fresh random `offset` each epoch shows the model new cuts. An item may be a list of indices:
+    the batch is then cut in one gather, with no Python loop.
     """
 
     def __init__(self, ids: torch.Tensor, context: int, offset: int = 0):
@@ -573,17 +457,15 @@ class TokenWindows(Dataset):
         return max(0, (len(self.ids) - 1 - self.offset) // self.context)
 
     def __getitem__(self, index: Union[int, Sequence[int]]) -> tuple:
-        starts = self.offset + torch.as_tensor(index, device=self.ids.device) * self.context
-        chunk = self.ids[starts.unsqueeze(-1) + self.arange]
+        chunk = self.ids[(self.offset + torch.as_tensor(index, device=self.ids.device) * self.context)
+                         .unsqueeze(-1) + self.arange]
         return chunk[..., :-1], chunk[..., 1:]
 
 
 class RankBatches:
-    """Every `world_size`-th batch starting at `rank`: with the same generator on every process, the
-    processes of a distributed run see distinct batches that together cover the epoch once. Each
-    gets the same number, so none waits at a step that the others never take."""
+    """Every `world_size`-th batch, from the `rank`-th on: all processes get the same number."""
 
-    def __init__(self, batches: BatchSampler, rank: int = 0, world_size: int = 1):
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int):
         self.batches, self.rank, self.world_size = batches, rank, world_size
 
     def __len__(self) -> int:
@@ -597,33 +479,44 @@ def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: to
                  rank: int = 0, world_size: int = 1) -> DataLoader:
     """One epoch: every window once, in random order, after a fresh random offset in [0, context).
 
-    A last, incomplete batch is dropped (when there is a full one), so every step has one shape.
+    A last, incomplete batch is dropped (when there is a full one), so every step has one shape. With
+    several processes, each takes every `world_size`-th batch of the same shuffle, all the same
+    number, so none waits at a step that the others never take.
     """
-    offset = int(torch.randint(min(context, len(ids) - context), (1,), generator=generator))
-    windows = TokenWindows(ids, context, offset)
+    windows = TokenWindows(ids, context, int(torch.randint(min(context, len(ids) - context), (1,),
+                                                           generator=generator)))
     batches = BatchSampler(RandomSampler(windows, generator=generator), batch_size,
                            drop_last=len(windows) >= batch_size)
-    # The loader draws a seed for its workers from `generator` too, so the global RNG is left alone.
-    return DataLoader(windows, sampler=RankBatches(batches, rank, world_size), batch_size=None,
-                      generator=generator)
+    # The loader draws its workers' seed from `generator` too, so the global RNG is left alone.
+    return DataLoader(windows, sampler=RankBatches(batches, rank, world_size), batch_size=None, generator=generator)
 
 
 def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: int, seed: int) -> list:
     """`n_batches` random batches chosen once, so successive validation losses are comparable."""
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(ids) - context, (n_batches, batch_size), generator=generator)
+    starts = torch.randint(len(ids) - context, (n_batches, batch_size), generator=torch.Generator().manual_seed(seed))
     windows = ids[starts.to(ids.device).unsqueeze(-1) + torch.arange(context + 1, device=ids.device)]
     return [(w[:, :-1], w[:, 1:]) for w in windows]
 
 
+def prepare_data(c: TrainingConfig, text: str, val_text: Optional[str], tokenizer: Optional[Tokenizer]) -> tuple:
+    """Preprocess; fit a new tokenizer (or grow a given one); split and encode: returns the tokenizer,
+    how many tokens it gained, the validation text's length, and the training and validation ids."""
+    text = prepare_text(text, c.lowercase, c.normalize_whitespace)
+    val_text = None if val_text is None else prepare_text(val_text, c.lowercase, c.normalize_whitespace)
+    every_text = text + (val_text or "")
+    added = tokenizer.extend(every_text) if tokenizer else 0
+    tokenizer = tokenizer or TOKENIZERS[c.tokenizer]().fit(every_text, vocab_size=c.vocab_size)
+    train_ids, val_ids = split_train_val(text, tokenizer, c.val_fraction, c.max_context, val_text)
+    try:  # fail now, not mid-run
+        tokenizer.encode(prepare_text(c.sample_prompt, c.lowercase, c.normalize_whitespace))
+    except TinyLLMError as e:
+        raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
+    val_chars = int(len(text) * c.val_fraction) if val_text is None else len(val_text)
+    return tokenizer, added, val_chars, train_ids, val_ids
+
+
 # ----------------------------------------------------------------------------------------------
 # The model: a decoder-only transformer with pre-norm blocks, as in GPT-2 and nanoGPT.
-
-
-def check_head_size(n_embd: int, n_head: int) -> None:
-    if n_embd % n_head or (n_embd // n_head) % 2:
-        raise TinyLLMError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head}) into an even "
-                           "head size (rotary embeddings turn pairs of features)")
 
 
 def rotary_table(context: int, head_dim: int) -> torch.Tensor:
@@ -657,8 +550,7 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         # QK-norm: unit-length queries and keys (rescaled to the usual size) bound the attention
         # logits, which keeps training stable at a high learning rate.
-        qk = F.normalize(qkv[:2], dim=-1) * math.sqrt(C // self.n_head)
-        q, k = apply_rotary(qk, rotary)
+        q, k = apply_rotary(F.normalize(qkv[:2], dim=-1) * math.sqrt(C // self.n_head), rotary)
         v = qkv[2]
         if cache is not None:  # attend to every earlier position, not just the new ones
             k, v = cache.update(layer, k, v)
@@ -688,25 +580,13 @@ class FeedForward(nn.Module):
         return self.dropout(self.proj(F.silu(gate) * value))
 
 
-class RMSNorm(nn.Module):
-    """Scale each vector to unit root-mean-square, then by a learned gain: LayerNorm without
-    centring or bias, cheaper and as good for transformers."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
 class Block(nn.Module):
-    """Pre-norm residual block: normalising before each sublayer keeps deep stacks stable."""
+    """Pre-norm residual block: normalising before each sublayer keeps deep stacks stable. RMSNorm is
+    LayerNorm without centring or bias: cheaper, and as good for transformers."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
-        self.norm1, self.norm2 = RMSNorm(n_embd), RMSNorm(n_embd)
+        self.norm1, self.norm2 = nn.RMSNorm(n_embd, eps=1e-6), nn.RMSNorm(n_embd, eps=1e-6)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
         self.ffn = FeedForward(n_embd, dropout)
 
@@ -721,9 +601,8 @@ class KVCache:
     position instead of the whole context. Room for max_context positions is allocated up front."""
 
     def __init__(self, model: TransformerModel, batch_size: int = 1):
-        h = model.hparams
-        shape = (h["n_layer"], 2, batch_size, h["n_head"], h["max_context"], h["n_embd"] // h["n_head"])
-        weight = model.token_embedding.weight
+        c, weight = model.config, model.token_embedding.weight
+        shape = (c.n_layer, 2, batch_size, c.n_head, c.max_context, c.n_embd // c.n_head)
         self.keys_values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.length = 0  # positions filled; the model advances it after each forward pass
 
@@ -736,136 +615,91 @@ class KVCache:
 
 
 class TransformerModel(nn.Module):
-    """Token embeddings, `n_layer` blocks, a final norm and a projection to logits."""
+    """Token embeddings, `n_layer` blocks, a final norm and a projection to logits. Build it from a
+    ModelConfig, or from its fields: `TransformerModel(vocab_size=65, n_layer=4, ...)`."""
 
-    def __init__(self, vocab_size: int, max_context: int, n_layer: int, n_head: int,
-                 n_embd: int, dropout: float = 0.0):
+    def __init__(self, config: Union[ModelConfig, int, None] = None, *args: Any, **fields: Any):
         super().__init__()
-        check_head_size(n_embd, n_head)
-        self.hparams = dict(vocab_size=vocab_size, max_context=max_context, n_layer=n_layer,
-                            n_head=n_head, n_embd=n_embd, dropout=dropout)
-        self.max_context = max_context
-        self.quantization: Optional[str] = None  # "int8" after quantize_int8
-        self.token_embedding = nn.Embedding(vocab_size, n_embd)
+        self.config = c = config if isinstance(config, ModelConfig) else ModelConfig(
+            *([] if config is None else [config]), *args, **fields)
+        self.quantization: Optional[str] = None  # the QUANTIZATIONS name, once quantized
+        self.token_embedding = nn.Embedding(c.vocab_size, c.n_embd)
         # Positions enter through rotary embeddings in attention; the table is derived, not saved.
-        self.register_buffer("rotary", rotary_table(max_context, n_embd // n_head), persistent=False)
-        self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
-        self.final_norm = RMSNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.register_buffer("rotary", rotary_table(c.max_context, c.n_embd // c.n_head), persistent=False)
+        self.dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout) for _ in range(c.n_layer))
+        self.final_norm = nn.RMSNorm(c.n_embd, eps=1e-6)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.apply(self._init_weights)
         # Each block adds two residual branches; shrinking their output projections keeps the
         # residual stream's variance from growing with depth (GPT-2).
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @classmethod
     def from_config(cls, config: TrainingConfig, vocab_size: int) -> "TransformerModel":
-        return cls(vocab_size, config.max_context, **{f: getattr(config, f) for f in MODEL_FIELDS})
+        return cls(config.model_config(vocab_size))
 
     @classmethod
     def from_checkpoint(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "TransformerModel":
         return load_checkpoint(path, device).model
 
+    @property
+    def max_context(self) -> int:
+        return self.config.max_context
+
     def grow_vocabulary(self, vocab_size: int) -> None:
         """Add embedding and output rows for new tokens; the trained rows keep their values, so the
         old tokens' logits do not change until training updates them."""
-        old_size, n_embd = self.hparams["vocab_size"], self.hparams["n_embd"]
-        device = self.token_embedding.weight.device
-        embedding, head = nn.Embedding(vocab_size, n_embd), nn.Linear(n_embd, vocab_size, bias=False)
-        for module in (embedding, head):
+        old, device = self.config.vocab_size, self.lm_head.weight.device
+        embedding, head = nn.Embedding(vocab_size, self.config.n_embd), nn.Linear(self.config.n_embd,
+                                                                                    vocab_size, bias=False)
+        for module, trained in ((embedding, self.token_embedding), (head, self.lm_head)):
             self._init_weights(module)
-        with torch.no_grad():
-            embedding.weight[:old_size] = self.token_embedding.weight
-            head.weight[:old_size] = self.lm_head.weight
+            with torch.no_grad():
+                module.weight[:old] = trained.weight
         self.token_embedding, self.lm_head = embedding.to(device), head.to(device)
-        self.hparams["vocab_size"] = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def num_parameters(self) -> int:
-        """Trainable weights, plus the int8 weights of a quantized model (stored as buffers)."""
-        int8_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, Int8Linear))
-        return sum(p.numel() for p in self.parameters()) + int8_weights
-
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token at full context: 6 per weight used in a matrix product (forward
-        and backward) plus the attention scores and sums (the PaLM paper's appendix B estimate)."""
-        embeddings = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
-        matrices = sum(p.numel() for p in self.parameters() if p.dim() >= 2) - embeddings
-        h = self.hparams
-        return 6 * matrices + 12 * h["n_layer"] * h["n_embd"] * h["max_context"]
+        """Every weight: the trainable ones, plus quantized weights (which are stored as buffers)."""
+        return sum(p.numel() for p in self.parameters()) + sum(
+            b.numel() for name, b in self.named_buffers() if name.endswith("weight"))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> tuple:
-        """Return (logits of shape (B, T, vocab), mean cross-entropy loss or None).
-
-        With a `cache`, `idx` holds only the tokens that follow the ones already cached."""
-        start = cache.length if cache is not None else 0
-        T = idx.shape[1]
+        """Return (logits of shape (B, T, vocab), mean cross-entropy loss or None). With a `cache`,
+        `idx` holds only the tokens that follow the ones already cached."""
+        start, T = cache.length if cache is not None else 0, idx.shape[1]
         if start + T > self.max_context:
             raise TinyLLMError(f"input has {start + T} tokens but the model's max_context is "
                                f"{self.max_context}; crop it to the last max_context tokens")
         x = self.dropout(self.token_embedding(idx))
-        rotary = self.rotary[:, start:start + T]
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer)
+            x = block(x, self.rotary[:, start:start + T], cache, layer)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-
-class Int8Linear(nn.Module):
-    """A linear layer stored as int8 weights with one float scale per output channel.
-
-    Weight-only quantization: each weight row is scaled so its largest magnitude becomes 127 and
-    rounded; activations stay in floating point, and the weights are expanded back as they are used.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        quantized = cls(linear.in_features, linear.out_features).to(weight.device)
-        quantized.weight.copy_(torch.round(weight / scales[:, None]).to(torch.int8))
-        quantized.scales.copy_(scales)
-        return quantized
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-
-
-def quantize_int8(model: TransformerModel) -> TransformerModel:
-    """Replace every nn.Linear of `model` by an Int8Linear, in place: about 4x smaller weights.
-    Embeddings and norm gains stay in float; they are a small share of the weights."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
-    model.quantization = "int8"
-    return model
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+        """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_tokens`."""
+        return generate(self, idx, max_new_tokens, **sampling)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sampling
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw one token per row of `logits` (B, vocab) after temperature, top-k and top-p filtering."""
     logits = logits.float() / temperature
@@ -880,21 +714,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise TinyLLMError(f"temperature must be positive, got {temperature!r} "
-                           "(for greedy decoding use top_k 1)")
-    if top_k is not None and top_k <= 0:
-        raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
 @torch.inference_mode()
-def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int,
+def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing `idx` (B, T).
 
     The context window holds at most max_context tokens. When it is full, it jumps forward: the
@@ -903,7 +726,12 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     attending to it). Without the cache the same window is recomputed at each step, so both
     routes give the same tokens and the cache makes each step cost one position.
     """
-    check_sampling(temperature, top_k, top_p)
+    for bad, message in [(not (temperature > 0 and math.isfinite(temperature)), f"temperature must be "
+                          f"positive, got {temperature!r} (for greedy decoding use top_k 1)"),
+                         (top_k is not None and top_k <= 0, f"top_k must be positive, got {top_k!r}"),
+                         (top_p is not None and not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p!r}")]:
+        if bad:
+            raise TinyLLMError(message)
     was_training = model.training
     model.eval()
     try:
@@ -915,209 +743,81 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
             if use_cache and cache is None:
                 cache, new = KVCache(model, idx.shape[0]), context
             logits = model(new if use_cache else context, cache=cache)[0][:, -1]
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
+            next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             yield next_id
             context, new = torch.cat([context, next_id], dim=1), next_id
     finally:  # also when the caller stops early, e.g. at a stop string
         model.train(was_training)
 
 
-def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             top_p: Optional[float] = None, use_cache: bool = True) -> torch.Tensor:
-    """Return `idx` (B, T) with `max_new_tokens` sampled tokens appended."""
-    new = generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
-    return torch.cat([idx, *new], dim=1)
+def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+    """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_tokens`."""
+    return torch.cat([idx, *generate_tokens(model, idx, max_new_tokens, **sampling)], dim=1)
 
 
-def stream_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, length: int,
-                temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                stop: Sequence[str] = (), lowercase: bool = True, normalize_whitespace: bool = True,
-                seed: Optional[int] = None, use_cache: bool = True) -> Iterator[str]:
-    """Yield the continuation of `prompt` piece by piece, as it is generated, for up to `length` tokens.
-
-    The prompt gets the same preprocessing as the training text; an empty prompt starts from a
-    newline (or token 0, for a vocabulary without one). Generation ends early when a `stop`
-    string appears; the stop string itself is not yielded, so text that might begin one is held back.
-    """
-    prompt = prepare_text(prompt, lowercase, normalize_whitespace)
+def encode_prompt(tokenizer: Tokenizer, prompt: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """A prepared prompt as a (1, T) tensor; an empty one starts from a newline (or token 0)."""
     try:
-        prompt_ids = tokenizer.encode(prompt or "\n")
+        ids = tokenizer.encode(prompt or "\n")
     except TinyLLMError as e:
         if prompt:
             raise TinyLLMError(f"the prompt has {e}, which the model never saw in training; "
                                "remove or replace them") from None
-        prompt_ids = [0]  # a vocabulary without a newline
-    stop = [s for s in stop if s]
-    device = next(model.parameters()).device
+        ids = [0]  # a vocabulary without a newline
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, length: int, *,
+                lowercase: bool = True, normalize_whitespace: bool = True, seed: Optional[int] = None,
+                **sampling: Any) -> str:
+    """The prompt, preprocessed like the training text, followed by `length` sampled tokens, decoded.
+    `seed` makes it reproducible; `sampling`: see `generate_tokens`."""
+    prompt, device = prepare_text(prompt, lowercase, normalize_whitespace), next(model.parameters()).device
+    idx = encode_prompt(tokenizer, prompt, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    pending, held = [], ""  # tokens not yet whole characters; text that may start a stop string
-    for next_id in generate_tokens(model, idx, length, temperature, top_k, top_p, generator, use_cache):
-        pending.append(int(next_id))
-        piece = tokenizer.decode(pending)
-        if piece.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character still incomplete
-            continue
-        held, pending = held + piece, []
-        hits = [held.find(s) for s in stop if s in held]
-        if hits:
-            yield held[:min(hits)]
-            return
-        keep = max((n for s in stop for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
-    if held or pending:
-        yield held + tokenizer.decode(pending)
-
-
-def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, length: int,
-                temperature: float = 1.0, top_k: Optional[int] = None, lowercase: bool = True,
-                normalize_whitespace: bool = True, seed: Optional[int] = None, **options: Any) -> str:
-    """The preprocessed prompt followed by its continuation (see `stream_text` for `options`)."""
-    pieces = stream_text(model, tokenizer, prompt, length, temperature, top_k, lowercase=lowercase,
-                         normalize_whitespace=normalize_whitespace, seed=seed, **options)
-    return prepare_text(prompt, lowercase, normalize_whitespace) + "".join(pieces)
+    return prompt + tokenizer.decode(generate(model, idx, length, generator=generator, **sampling)[0, idx.shape[1]:].tolist())
 
 
 @torch.no_grad()
 def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
                   autocast: Callable = contextlib.nullcontext) -> float:
     """Mean loss per token over ALL of `ids`, cut into non-overlapping windows of max_context."""
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
-    context, device = model.max_context, next(model.parameters()).device
-    windows = TokenWindows(ids, context)
-    n_windows = len(windows)
+    windows = TokenWindows(ids, model.max_context)
+    tail = ids[len(windows) * model.max_context:]  # the last, shorter window
+    batches = (windows[list(range(i, min(i + batch_size, len(windows))))] for i in range(0, len(windows), batch_size))
     total, count = torch.zeros((), device=device), 0
-    for start in range(0, n_windows, batch_size):
-        x, y = windows[list(range(start, min(start + batch_size, n_windows)))]
+    for x, y in itertools.chain(batches, [(tail[None, :-1], tail[None, 1:])] if len(tail) > 1 else []):
         with autocast():
             total += model(x.to(device), y.to(device))[1] * y.numel()
         count += y.numel()
-    tail = ids[n_windows * context:].to(device)  # the last, shorter window
-    if len(tail) > 1:
-        with autocast():
-            total += model(tail[None, :-1], tail[None, 1:])[1] * (len(tail) - 1)
-        count += len(tail) - 1
     model.train(was_training)
     return total.item() / count
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Metrics and checkpoints
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": mps is not None and mps.is_available()}
-    if name == "auto":
-        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
-    if not available[name.split(":")[0]]:
-        raise TinyLLMError(f"--device {name} was asked for but PyTorch cannot see one here; use --device cpu")
-    return torch.device(name)
+class MetricsLogger:
+    """Append one CSV row per call and flush it, so a crash never loses a logged row."""
 
+    COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_second", "elapsed_seconds")
 
-def resolve_dtype(name: str, device: torch.device) -> tuple:
-    """Pick the autocast dtype and say why: bf16 only where the hardware runs it fast."""
-    if name != "auto":
-        return DTYPES[name], "asked for"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "this CUDA GPU supports bfloat16"
-        return torch.float16, "this CUDA GPU lacks bfloat16; float16 with a gradient scaler"
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        for probe, what in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
-            if getattr(cpu, probe, lambda: False)():
-                return torch.bfloat16, f"this CPU has {what}"
-        return torch.float32, "this CPU has no AMX or AVX512-BF16, so bfloat16 would be slower"
-    return torch.float32, f"the safe choice on {device.type}"
+    def __init__(self, path: PathLike, columns: Sequence[str] = COLUMNS):
+        new_file = not Path(path).exists() or Path(path).stat().st_size == 0
+        self.file = open(path, "a", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=columns)
+        if new_file:
+            self.writer.writeheader()
 
+    def log(self, **row: Any) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
 
-def resolve_compile(setting: Optional[bool], device: torch.device, planned_tokens: int,
-                    time_budget: Optional[float]) -> tuple:
-    """Compile by default only where a measurement showed it pays, its cold start included."""
-    if setting is not None:
-        return setting, "asked for"
-    if device.type != "cpu":
-        return False, f"not yet measured on {device.type}; pass --compile to try it"
-    # Measured on a 2-core CPU: +46% tokens/s after a cold compile of about 22 s, which pays off
-    # once a run would take more than about 90 s uncompiled (about 20,000 tokens/s there).
-    long_run = time_budget >= 90 if time_budget is not None else planned_tokens >= 90 * 20_000
-    if long_run:
-        return True, "+46% tokens/s on a CPU, measured; the first step compiles for about 20 s"
-    return False, "this run is too short to win back the 20 s that compiling takes"
-
-
-def init_distributed(device: torch.device) -> tuple:
-    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group: gloo on a
-    CPU, nccl on CUDA with one GPU per process. Returns (device, rank, world_size); a plain
-    `python` run gets (device, 0, 1) and takes no distributed path."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return device, 0, 1
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def barrier() -> None:
-    """Wait for every process of a distributed run; nothing to wait for in a single process."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Matrix-multiply FLOP/s this device reaches in `dtype`: the yardstick for model FLOPs utilisation.
-    The fastest of a few timings is taken, since anything else running only slows a timing down."""
-    n = 1024 if device.type == "cpu" else 8192
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
-    fastest = math.inf
-    for _ in range(6):
-        start = time.perf_counter()
-        a @ b
-        synchronize()
-        fastest = min(fastest, time.perf_counter() - start)
-    return 2 * n ** 3 / fastest
-
-
-class TqdmLoggingHandler(logging.Handler):
-    """Console log lines that do not tear through the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stdout)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict:
-    """The states of Python's, NumPy's and torch's random generators, as tensors and plain data,
-    so that a checkpoint holding them still loads with weights_only=True."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
-                      float(cached_gaussian)],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: dict) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    def close(self) -> None:
+        self.file.close()
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -1135,598 +835,6 @@ def drop_metrics_after(path: Path, step: int) -> None:
         writer.writerows(rows)
 
 
-class Trainer:
-    """Owns one training run: data, model, optimizer, the loop, validation, samples and files.
-
-    `Trainer(config, text).train()` returns the summary dict that is also written as summary.json.
-    """
-
-    RUN_FILES = ("best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log",
-                 "metrics.csv", "samples.txt", "summary.json", "loss.png")
-
-    def __init__(self, config: TrainingConfig, text: str, *, progress: Optional[bool] = None,
-                 quiet: bool = False, overwrite: bool = False, resume: bool = False):
-        """With `resume`, continue the run in config.out_dir from its last.pt with that run's settings;
-        only out_dir, device and compile (where and how to run, not what to compute) come from `config`."""
-        self.config, self.quiet = config, quiet
-        self.progress = (sys.stdout.isatty() and not quiet) if progress is None else progress
-        self.out_dir = Path(config.out_dir)
-        self._check_out_dir(overwrite, resume)
-        saved = load_checkpoint(self.out_dir / "last.pt") if resume else None
-        if saved:
-            self.config = config = dataclasses.replace(saved.config, out_dir=config.out_dir,
-                                                       device=config.device, compile=config.compile)
-        seed_everything(config.seed)
-        self.device, self.rank, self.world_size = init_distributed(resolve_device(config.device))
-        self.is_main = self.rank == 0  # the one process that logs and writes files
-        self.progress = self.progress and self.is_main
-        self.dtype, self.dtype_reason = resolve_dtype(config.dtype, self.device)
-        self.peak_flops = measure_peak_flops(self.device, self.dtype)
-        start = saved or (self._fine_tuning_start(config.init_from) if config.init_from else None)
-        config = self.config  # fine-tuning takes the saved model's shape and preprocessing
-        self._prepare_data(text, start.tokenizer if start else None)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        batches = len(TokenWindows(self.train_ids, config.max_context)) // config.batch_size
-        self.steps_per_epoch = max(1, batches // self.world_size)
-        self.total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        self._build_model(start.model if start else None)
-        self.step, self.epoch, self.batch_in_epoch, self.tokens_seen = 0, 0, 0, 0  # epoch: those completed
-        self.best_val_loss, self.last_val_loss, self.last_val_step = math.inf, math.nan, -1
-        self.bad_validations = 0
-        self.recent_losses: List[torch.Tensor] = []  # each step's loss since the last validation
-        self.epoch_rng_state = self.generator.get_state()  # replayed on resume to cut the same batches
-        self.elapsed_before, self.untimed_before = 0.0, 0.0
-        if saved:
-            self._restore(saved)
-
-    def _prepare_data(self, text: str, tokenizer: Optional[Tokenizer]) -> None:
-        """Preprocess, tokenize (fitting a new tokenizer, or growing a saved one) and split the text."""
-        config = self.config
-        text = prepare_text(text, config.lowercase, config.normalize_whitespace)
-        if tokenizer is None:
-            self.tokenizer = TOKENIZERS[config.tokenizer]().fit(text, vocab_size=config.vocab_size)
-        else:
-            self.tokenizer, self.added_tokens = tokenizer, tokenizer.extend(text)
-        train_ids, val_ids = split_train_val(text, self.tokenizer, config.val_fraction, config.max_context)
-        self.val_chars = int(len(text) * config.val_fraction)
-        self.data_sha256 = hashlib.sha256(torch.cat([train_ids, val_ids]).numpy().tobytes()).hexdigest()
-        self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
-        self.val_batches = fixed_batches(self.val_ids, config.max_context, config.batch_size,
-                                         config.val_batches, config.seed)
-        try:  # fail now, not mid-run
-            self.tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase,
-                                               config.normalize_whitespace))
-        except TinyLLMError as e:
-            raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
-
-    def _fine_tuning_start(self, path: str) -> Checkpoint:
-        """Fine-tuning keeps the saved model's architecture, tokenizer and text preprocessing; the
-        optimizer and learning-rate schedule start afresh."""
-        start = load_checkpoint(path, self.device)
-        if start.model.quantization:
-            raise TinyLLMError(f"checkpoint {path} is {start.model.quantization}-quantized, which "
-                               "cannot be trained; fine-tune from the float checkpoint it came from")
-        inherited = ("model_size", *MODEL_FIELDS, "max_context", "tokenizer", "lowercase",
-                     "normalize_whitespace")
-        self.config = dataclasses.replace(self.config, **{f: getattr(start.config, f) for f in inherited})
-        return start
-
-    def _check_out_dir(self, overwrite: bool, resume: bool) -> None:
-        """Refuse to clobber an earlier run unless asked (the old files go only when training starts)."""
-        if overwrite and resume:
-            raise TinyLLMError("--resume continues a run and --overwrite replaces it; choose one")
-        if resume and not (self.out_dir / "last.pt").is_file():
-            raise TinyLLMError(f"nothing to resume: {self.out_dir / 'last.pt'} does not exist; "
-                               "start a new run without --resume")
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TinyLLMError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
-        existing = [f for f in self.RUN_FILES if (self.out_dir / f).exists()]
-        if existing and not (overwrite or resume):
-            raise TinyLLMError(f"{self.out_dir} already holds a training run ({', '.join(existing)}); pass "
-                               "--resume to continue it, another --out-dir, or --overwrite to replace it")
-        if not os.access(self.out_dir, os.W_OK):
-            raise TinyLLMError(f"output directory {self.out_dir} is not writable; choose another --out-dir")
-
-    def _restore(self, saved: Checkpoint) -> None:
-        """Put the run back exactly where last.pt left it: optimizer, schedule, position in the
-        epoch, validation history, timers and every random number generator."""
-        path, state = self.out_dir / "last.pt", saved.training_state
-        if not state or not saved.optimizer_state:
-            raise TinyLLMError(f"{path} holds no training state to resume from")
-        if state.get("data_sha256") != self.data_sha256:
-            raise TinyLLMError(f"the text differs from the one the run in {self.out_dir} was trained on; "
-                               "pass the same --data to resume it")
-        try:
-            self.optimizer.load_state_dict(saved.optimizer_state)
-            self.scaler.load_state_dict(state["scaler"])
-            self.step, self.epoch, self.best_val_loss = saved.step, saved.epoch, saved.best_val_loss
-            for name in ("batch_in_epoch", "tokens_seen", "bad_validations", "last_val_loss",
-                         "last_val_step", "epoch_rng_state"):
-                setattr(self, name, state[name])
-            self.recent_losses = list(state["recent_losses"].to(self.device))
-            self.elapsed_before, self.untimed_before = state["elapsed_seconds"], state["untimed_seconds"]
-            set_rng_states(state["rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise TinyLLMError(f"{path} cannot be resumed from ({str(e).splitlines()[0][:200]})") from None
-
-    def _training_state(self) -> dict:
-        """What `_restore` needs beyond the model, optimizer and step: tensors and plain data only."""
-        return {
-            "batch_in_epoch": self.batch_in_epoch, "tokens_seen": self.tokens_seen,
-            "bad_validations": self.bad_validations, "last_val_loss": self.last_val_loss,
-            "last_val_step": self.last_val_step, "epoch_rng_state": self.epoch_rng_state,
-            "recent_losses": torch.stack(self.recent_losses).cpu() if self.recent_losses else torch.zeros(0),
-            "elapsed_seconds": time.perf_counter() - self.start_time, "untimed_seconds": self.untimed_seconds,
-            "scaler": self.scaler.state_dict(), "data_sha256": self.data_sha256, "rng": rng_states(),
-        }
-
-    def _open_outputs(self, resume: bool) -> None:
-        """Clear an overwritten run's files (or, resuming, the metrics logged after last.pt), then
-        start the log file and the metrics CSV."""
-        if not self.is_main:  # the other processes of a distributed run stay silent
-            self.log_handlers = [logging.NullHandler()]
-            logger.addHandler(self.log_handlers[0])
-            return
-        if resume:
-            drop_metrics_after(self.out_dir / "metrics.csv", self.step)
-        for name in () if resume else self.RUN_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                (self.out_dir / name).unlink()
-        file_handler = logging.FileHandler(self.out_dir / "tinyllm_training.log", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        console = TqdmLoggingHandler(logging.WARNING if self.quiet else logging.INFO)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        self.log_handlers = [file_handler, console]
-        for handler in self.log_handlers:
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        enabled = self.config.metrics_csv_enabled
-        self.metrics = MetricsLogger(self.out_dir / "metrics.csv") if enabled else None
-
-    def _build_model(self, model: Optional[TransformerModel] = None) -> None:
-        """The model (new, or one to fine-tune, with rows for tokens its vocabulary lacked), its
-        compiled training view, the optimizer and (for float16) a gradient scaler."""
-        self.model = model or TransformerModel.from_config(self.config, self.tokenizer.vocab_size)
-        self.model.to(self.device)
-        if self.model.hparams["vocab_size"] < self.tokenizer.vocab_size:
-            self.model.grow_vocabulary(self.tokenizer.vocab_size)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 products
-        # Compiling fuses the small operations between matrix products; evaluation and sampling
-        # use the plain module, so changing mode or shape never triggers a recompile.
-        planned_tokens = self.total_steps * self.config.batch_size * self.config.max_context
-        self.compiled, self.compile_reason = resolve_compile(self.config.compile, self.device,
-                                                             planned_tokens, self.config.time_budget)
-        # Under torchrun, DistributedDataParallel averages the gradients of all processes in backward.
-        self.eager_model = self.model
-        if self.world_size > 1:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.eager_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.train_model = self.eager_model
-        if self.compiled:
-            self.train_model = torch.compile(self.eager_model, dynamic=False)
-        self.optimizer = self._make_optimizer()
-        scaler_cls = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
-        self.scaler = scaler_cls(enabled=self.dtype == torch.float16)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; weight decay only on matrices, since decaying gains and biases hurts."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        try:  # the fused kernel updates all parameters at once (CUDA; CPU since torch 2.4)
-            return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99), fused=True)
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99))
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def learning_rate(self) -> float:
-        """Linear warmup, then cosine decay to a tenth, driven by steps or by the time budget spent."""
-        config = self.config
-        warmup = min(config.warmup_steps, self.total_steps // 5)
-        if self.step < warmup:
-            return config.learning_rate * (self.step + 1) / warmup
-        progress = (self.step - warmup) / max(1, self.total_steps - warmup)
-        if config.time_budget is not None:
-            elapsed = time.perf_counter() - self.start_time
-            progress = max(progress, elapsed / max(config.time_budget - self._final_work_seconds(), 1e-9))
-        progress = min(1.0, progress)
-        return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-        """One optimizer step; the loss stays a tensor so the step never waits on the device."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with self.autocast():
-            loss = self._forward_loss(x, y)
-        self.scaler.scale(loss).backward()
-        if self.config.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        try:
-            return self.train_model(x, y)[1]
-        except Exception as e:  # compiling needs a C++ compiler (CPU) or Triton (GPU)
-            if self.train_model is self.eager_model:
-                raise
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            logger.warning("torch.compile failed (%s); training without it", reason)
-            self.train_model, self.compiled = self.eager_model, False
-            return self.eager_model(x, y)[1]
-
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches (shared out among the processes of a
-        distributed run, then averaged)."""
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            losses = [self.model(x, y)[1].float() for x, y in self.val_batches[self.rank::self.world_size]]
-        self.model.train()
-        total = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
-        return self.mean_over_processes(total, len(losses))
-
-    def mean_over_processes(self, total: torch.Tensor, count: int) -> float:
-        """sum(total) / sum(count) over every process; in a single process, total / count."""
-        sums = torch.stack([total.detach().float(), torch.tensor(float(count), device=total.device)])
-        if self.world_size > 1:
-            dist.all_reduce(sums)
-        return (sums[0] / sums[1]).item()
-
-    def train(self) -> dict:
-        """Run the whole training loop and write every output file; return the summary.
-
-        Raises TrainingInterrupted after saving last.pt if SIGINT or SIGTERM arrives."""
-        self.metrics, self.log_handlers = None, []
-        try:
-            barrier()  # every process has checked the out-dir before the first one writes to it
-            self._open_outputs(resume=self.step > 0)
-            self._log_start()
-            stopped_because = self._loop()
-            return self._finish(stopped_because)
-        finally:
-            if self.metrics:
-                self.metrics.close()
-            for handler in self.log_handlers:
-                logger.removeHandler(handler)
-                handler.close()
-
-    def _log_start(self) -> None:
-        c = self.config
-        if self.is_main:
-            self.config.to_json(self.out_dir / "config.json")
-            self.tokenizer.save_state(self.out_dir / "tokenizer.json")
-        logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
-                    len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
-        if self.step:
-            logger.info("resumed from %s at step %d (epoch %d, batch %d of it)", self.out_dir / "last.pt",
-                        self.step, self.epoch, self.batch_in_epoch)
-        elif c.init_from:
-            logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
-        logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters",
-                    c.model_size, c.n_layer, c.n_head, c.n_embd, c.max_context,
-                    f"{self.model.num_parameters():,}")
-        logger.info("device %s, dtype %s (%s), peak %.2f TFLOP/s measured", self.device,
-                    str(self.dtype).replace("torch.", ""), self.dtype_reason, self.peak_flops / 1e12)
-        logger.info("torch.compile %s (%s)", "on" if self.compiled else "off", self.compile_reason)
-        budget = f", time budget {c.time_budget:g} s" if c.time_budget else ""
-        processes = f" per process x {self.world_size} processes = {c.batch_size * self.world_size}"
-        logger.info("batch %d%s, %d steps per epoch, at most %d steps%s", c.batch_size,
-                    processes if self.world_size > 1 else "", self.steps_per_epoch, self.total_steps, budget)
-
-    def _loop(self) -> str:
-        """Train until epochs, max_steps, the time budget, early stopping or a signal ends it."""
-        now = time.perf_counter()
-        self.start_time = now - self.elapsed_before  # a resumed run's budget counts the time spent
-        self.window = (now, self.tokens_seen)  # the time and tokens_seen that throughput is measured from
-        self.untimed_seconds, self.save_seconds, self.first_step = self.untimed_before, 0.0, self.step + 1
-        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
-                        dynamic_ncols=True)
-        with self.bar, self._stop_on_signals():
-            stopped_because = self._run_epochs()
-        if stopped_because == "interrupted":
-            self._save_last()
-            signal_number = self.stop_signal or signal.SIGTERM  # or another process's signal
-            message = (f"stopped by {signal.Signals(signal_number).name} after step {self.step}; "
-                       f"{self.out_dir / 'last.pt'} holds the run. "
-                       "Continue it with --resume and the same --out-dir and --data")
-            logger.warning(message)
-            raise TrainingInterrupted(signal_number, message)
-        if self.last_val_step != self.step:
-            self._validate()
-        return stopped_because
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """Ctrl-C (SIGINT) and SIGTERM end the run after the current step instead of mid-step."""
-        self.stop_signal = None
-        if threading.current_thread() is not threading.main_thread():  # only it may set handlers
-            yield
-            return
-        def remember(signal_number: int, frame: Any) -> None:
-            self.stop_signal = signal_number
-        # A signal the parent set to be ignored (as a shell does for background jobs) stays ignored.
-        previous = {s: signal.signal(s, remember) for s in (signal.SIGINT, signal.SIGTERM)
-                    if signal.getsignal(s) is not signal.SIG_IGN}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _run_epochs(self) -> str:
-        config = self.config
-        while self.epoch < config.epochs:
-            if self.batch_in_epoch == 0:
-                self.epoch_rng_state = self.generator.get_state()
-            self.generator.set_state(self.epoch_rng_state)  # resuming mid-epoch replays its shuffle
-            loader = epoch_loader(self.train_ids, config.max_context, config.batch_size, self.generator,
-                                  self.rank, self.world_size)
-            for x, y in itertools.islice(loader, self.batch_in_epoch, None):
-                stop = self._stop_reason()
-                if stop:
-                    return stop
-                self.lr = self.learning_rate()
-                self.recent_losses.append(self.train_step(x, y, self.lr))
-                self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-                self.tokens_seen += y.numel() * self.world_size
-                self.bar.update()
-                self._after_step()
-            self.batch_in_epoch, self.epoch = 0, self.epoch + 1
-        return "epochs"
-
-    def _after_step(self) -> None:
-        config = self.config
-        if self.step == self.first_step:
-            self._log_first_step()
-        if self.step % config.val_frequency == 0:
-            self._validate()
-        if self.step % config.sample_frequency == 0:
-            self._sample()
-        if self.step % config.checkpoint_frequency == 0:
-            started = time.perf_counter()
-            self._save_last()
-            self._exclude_from_throughput(started)
-
-    def _log_first_step(self) -> None:
-        """The first step compiles and warms up: report it, and keep it out of the tokens/s."""
-        started = self.window[0]
-        self.recent_losses[-1].item()  # wait for the device
-        logger.info("first step took %.1f s (%s)", time.perf_counter() - started,
-                    "compilation and warm-up" if self.compiled else "warm-up")
-        self._exclude_from_throughput(started)
-
-    STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
-
-    def _stop_reason(self) -> Optional[str]:
-        """Why to stop now, if at all. All processes of a distributed run agree, since one that
-        stopped alone would leave the others waiting for it forever."""
-        reason = self._local_stop_reason()
-        if self.world_size > 1:
-            code = torch.tensor(self.STOP_REASONS.index(reason) + 1 if reason else 0, device=self.device)
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)
-            reason = self.STOP_REASONS[code.item() - 1] if code.item() else None
-        return reason
-
-    def _local_stop_reason(self) -> Optional[str]:
-        config = self.config
-        if self.stop_signal is not None:
-            return "interrupted"
-        if config.max_steps is not None and self.step >= config.max_steps:
-            return "max_steps"
-        elapsed = time.perf_counter() - self.start_time
-        if config.time_budget is not None and elapsed + self._final_work_seconds() >= config.time_budget:
-            return "time_budget"
-        patience = config.early_stopping_patience
-        if patience is not None and self.bad_validations >= patience:
-            return "early_stopping"
-        return None
-
-    def mfu(self, tokens_per_second: float) -> float:
-        """Model FLOPs utilisation: the share of the measured matrix-multiply peak that training used."""
-        return tokens_per_second / self.world_size * self.model.flops_per_token() / self.peak_flops
-
-    def _final_work_seconds(self) -> float:
-        """An estimate of what the run does after its last step (validation, sample, checkpoint), so
-        that a time budget covers the whole run. A forward pass costs about a third of a training
-        step per token; counting it as two thirds leaves a margin."""
-        if not self.tokens_seen:
-            return 0.0
-        train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
-        forward_tokens_per_second = 1.5 * self.tokens_seen / self.world_size / max(train_seconds, 1e-9)
-        forward_tokens = (len(self.val_ids) + self.config.val_batches * self.config.batch_size
-                          * self.config.max_context + self.config.sample_length * self.config.max_context)
-        return forward_tokens / max(forward_tokens_per_second, 1.0) + self.save_seconds
-
-    def _check_losses(self) -> None:
-        """Stop at a NaN or infinite loss, naming its step, before anything more is saved."""
-        if not self.recent_losses:
-            return
-        losses = torch.stack(self.recent_losses)
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            first = int(bad[0])
-            raise TinyLLMError(f"training loss became {losses[first].item()} at step "
-                               f"{self.step - len(losses) + 1 + first}; lower --learning-rate or set "
-                               "grad_clip (best.pt and last.pt keep the last good state)")
-
-    def _validate(self) -> None:
-        """Validate, log a metrics row, save best.pt on improvement; stop on a NaN loss."""
-        now = time.perf_counter()
-        window_time, window_tokens = self.window
-        self._check_losses()
-        losses = torch.stack(self.recent_losses) if self.recent_losses else torch.zeros(0, device=self.device)
-        train_loss = self.mean_over_processes(losses.sum(), len(losses)) if len(losses) else math.nan
-        tokens_per_second = (self.tokens_seen - window_tokens) / max(now - window_time, 1e-9)
-        self.last_val_loss, self.last_val_step = self.evaluate(), self.step
-        if self.last_val_loss < self.best_val_loss:
-            self.best_val_loss, self.bad_validations = self.last_val_loss, 0
-            self._save("best.pt")
-        else:
-            self.bad_validations += 1
-        elapsed = time.perf_counter() - self.start_time
-        epoch = self.epoch + self._epoch_fraction()
-        logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f (%.3f bits/char), lr %.2e, "
-                    "%.0f tokens/s, MFU %.1f%%", self.step, epoch, train_loss, self.last_val_loss,
-                    self.bits_per_char(self.last_val_loss), self.lr, tokens_per_second,
-                    100 * self.mfu(tokens_per_second))
-        if self.metrics:
-            self.metrics.log(step=self.step, epoch=round(epoch, 4), train_loss=round(train_loss, 5),
-                             val_loss=round(self.last_val_loss, 5), learning_rate=self.lr,
-                             tokens_per_second=round(tokens_per_second, 1), elapsed_seconds=round(elapsed, 3))
-        self.bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{self.last_val_loss:.3f}",
-                             tok_s=f"{tokens_per_second:.0f}")
-        self.recent_losses = []
-        self._exclude_from_throughput(now)
-
-    def bits_per_char(self, loss: float) -> float:
-        return bits_per_char(loss, len(self.val_ids), self.val_chars)
-
-    def _exclude_from_throughput(self, since: float) -> None:
-        """Validation, sampling and the first step are not counted in tokens/s: restart the window."""
-        self.untimed_seconds += time.perf_counter() - since
-        self.window = (time.perf_counter(), self.tokens_seen)
-
-    def _epoch_fraction(self) -> float:
-        return (self.step - self.epoch * self.steps_per_epoch) / self.steps_per_epoch
-
-    def _sample(self, label: str = "") -> str:
-        c = self.config
-        if not self.is_main:
-            return ""
-        started = time.perf_counter()
-        text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length, c.temperature,
-                           lowercase=c.lowercase, normalize_whitespace=c.normalize_whitespace)
-        label = label or f"step {self.step}"
-        logger.info("sample at %s:\n%s", label, text)
-        with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(f"=== {label} ===\n{text}\n\n")
-        self._exclude_from_throughput(started)
-        return text
-
-    def _save(self, name: str) -> None:
-        if not self.is_main:
-            return
-        started = time.perf_counter()
-        save_checkpoint(self.out_dir / name, self.model, self.optimizer, self.config, self.tokenizer,
-                        step=self.step, epoch=self.epoch, best_val_loss=self.best_val_loss,
-                        training_state=self._training_state())
-        self.save_seconds = time.perf_counter() - started
-
-    def _save_last(self) -> None:
-        self._check_losses()
-        self._save("last.pt")
-
-    def _plot(self) -> None:
-        self.metrics.file.flush()
-        try:
-            logger.info("loss curves drawn in %s", plot_losses(self.out_dir))
-        except TinyLLMError as e:  # a missing optional dependency must not fail a finished run
-            logger.warning("no loss.png: %s", e)
-
-    def _finish(self, stopped_because: str) -> dict:
-        """Write last.pt, score the best model on the whole validation split, sample, summarise."""
-        if not self.is_main:
-            return {}
-        train_seconds = time.perf_counter() - self.start_time - self.untimed_seconds
-        self._save_last()
-        best = load_checkpoint(self.out_dir / "best.pt", self.device).model
-        self.model.load_state_dict(best.state_dict())
-        full_val_loss = evaluate_full(self.model, self.val_ids, self.config.batch_size, self.autocast)
-        sample = self._sample(f"the end, from the best model (step {self.step})")
-        tokens_per_second = self.tokens_seen / max(train_seconds, 1e-9)
-        summary = {
-            "best_val_loss": self.best_val_loss, "final_val_loss": self.last_val_loss,
-            "full_val_loss": full_val_loss, "full_val_bits_per_char": self.bits_per_char(full_val_loss),
-            "steps": self.step,
-            "epochs_completed": self.epoch,
-            "tokens_seen": self.tokens_seen, "tokens_per_second": round(tokens_per_second, 1),
-            "mfu": round(self.mfu(tokens_per_second), 4), "peak_tflops": round(self.peak_flops / 1e12, 3),
-            "elapsed_seconds": round(time.perf_counter() - self.start_time, 3),
-            "parameters": self.model.num_parameters(), "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""), "stopped_because": stopped_because,
-            "sample": sample,
-        }
-        with atomic_write(self.out_dir / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
-        if self.metrics:
-            self._plot()
-        logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f "
-                    "(%.3f bits/char), %.0f tokens/s, MFU %.1f%%", self.step, stopped_because,
-                    summary["elapsed_seconds"], self.best_val_loss, full_val_loss,
-                    summary["full_val_bits_per_char"], tokens_per_second, 100 * summary["mfu"])
-        return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics and checkpoints
-
-
-class MetricsLogger:
-    """Append one CSV row per call and flush it, so a crash never loses a logged row."""
-
-    COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_second",
-               "elapsed_seconds")
-
-    def __init__(self, path: PathLike, columns: Sequence[str] = COLUMNS):
-        self.path, self.columns = Path(path), tuple(columns)
-        new_file = not self.path.exists() or self.path.stat().st_size == 0
-        self.file = open(self.path, "a", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
-        if new_file:
-            self.writer.writeheader()
-            self.file.flush()
-
-    def log(self, **row: Any) -> None:
-        self.writer.writerow(row)
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def plot_losses(out_dir: PathLike) -> Path:
-    """Draw train and validation loss against step from `out_dir`/metrics.csv into loss.png."""
-    try:  # an optional dependency; Figure without pyplot leaves any global plotting state alone
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise TinyLLMError("loss.png needs matplotlib: pip install 'tinyllm[plot]' "
-                           "(or pip install matplotlib)") from None
-    metrics = Path(out_dir) / "metrics.csv"
-    try:
-        with open(metrics, newline="", encoding="utf-8") as f:
-            rows = [(int(r["step"]), float(r["train_loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
-    except FileNotFoundError:
-        raise TinyLLMError(f"{metrics} does not exist; point --out-dir at a training run") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise TinyLLMError(f"{metrics} is malformed ({e})") from None
-    if not rows:
-        raise TinyLLMError(f"{metrics} has no rows yet; a run logs one at each validation")
-    steps, train_losses, val_losses = zip(*rows)
-    figure = Figure(figsize=(7, 4), layout="tight")
-    axes = figure.subplots()
-    axes.plot(steps, train_losses, label="train (mean since the last validation)")
-    axes.plot(steps, val_losses, label="validation")
-    axes.set(xlabel="step", ylabel="loss (nats per token)", title=f"training run in {out_dir}")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    path = Path(out_dir) / "loss.png"
-    with atomic_write(path) as f:
-        figure.savefig(f, format="png", dpi=120)
-    return path
-
-
 @dataclass
 class Checkpoint:
     """What `load_checkpoint` returns: the rebuilt model and tokenizer and the training state."""
@@ -1738,20 +846,18 @@ class Checkpoint:
     step: int
     epoch: int
     best_val_loss: float
-    training_state: Optional[dict] = None  # what an exact resume needs (see Trainer._training_state)
+    training_state: Optional[dict] = None  # a RunState's fields, for an exact resume
 
 
 def save_checkpoint(path: PathLike, model: TransformerModel, optimizer: Optional[torch.optim.Optimizer],
-                    config: TrainingConfig, tokenizer: Tokenizer, step: int = 0, epoch: int = 0,
+                    config: TrainingConfig, tokenizer: Tokenizer, *, step: int = 0, epoch: int = 0,
                     best_val_loss: float = math.inf, training_state: Optional[dict] = None) -> None:
     """Save weights, optimizer, config, tokenizer and progress as tensors and plain Python data."""
-    state = {
-        "format": "tinyllm-checkpoint", "version": 1, "model_args": dict(model.hparams),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-        "config": config.to_dict(), "tokenizer": {"type": tokenizer.type_name, **tokenizer.state()},
-        "step": step, "epoch": epoch, "best_val_loss": float(best_val_loss),
-        "quantization": model.quantization, "training_state": training_state,
-    }
+    state = {"format": "tinyllm-checkpoint", "version": 1, "model_args": dataclasses.asdict(model.config),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+             "config": config.to_dict(), "tokenizer": {"type": tokenizer.type_name, **tokenizer.state()},
+             "step": step, "epoch": epoch, "best_val_loss": float(best_val_loss),
+             "quantization": model.quantization, "training_state": training_state}
     with atomic_write(path) as f:
         torch.save(state, f)
 
@@ -1761,8 +867,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") \
-            from None
+        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") from None
     except Exception as e:  # torch raises many types for truncated, corrupt or unsafe files
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         reason = (f"it holds a pickled {unsafe.group(1)}, which could run code, so it was not loaded"
@@ -1772,21 +877,570 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint")
     try:
         config = TrainingConfig.from_dict(state["config"], source=f"checkpoint {path}")
-        tokenizer = TOKENIZERS[state["tokenizer"]["type"]]()
-        tokenizer.set_state(state["tokenizer"])
-        model = TransformerModel(**state["model_args"])
-        if state.get("quantization") == "int8":
-            quantize_int8(model)
+        tokenizer = Tokenizer.from_state(state["tokenizer"], f"checkpoint {path}")
+        model = TransformerModel(ModelConfig(**state["model_args"]))
+        if state.get("quantization"):
+            QUANTIZATIONS[state["quantization"]](model)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise TinyLLMError(f"checkpoint {path} is inconsistent ({str(e).splitlines()[0][:200]})") from None
-    if tokenizer.vocab_size != model.hparams["vocab_size"]:
+    if tokenizer.vocab_size != model.config.vocab_size:
         raise TinyLLMError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens, "
-                           f"model expects {model.hparams['vocab_size']}")
-    for field in ("max_context", *MODEL_FIELDS):
-        if getattr(config, field) != model.hparams[field]:
-            raise TinyLLMError(f"checkpoint {path} is inconsistent: its config has {field} "
-                               f"{getattr(config, field)} but its weights were built with "
-                               f"{model.hparams[field]}")
-    return Checkpoint(model.to(device), tokenizer, config, state["optimizer"], state["step"],
-                      state["epoch"], state["best_val_loss"], state.get("training_state"))
+                           f"model expects {model.config.vocab_size}")
+    for name in ("max_context", *MODEL_FIELDS):
+        if getattr(config, name) != getattr(model.config, name):
+            raise TinyLLMError(f"checkpoint {path} is inconsistent: its config has {name} {getattr(config, name)} "
+                               f"but its weights were built with {getattr(model.config, name)}")
+    return Checkpoint(model.to(device), tokenizer, config, state["optimizer"], state["step"], state["epoch"],
+                      state["best_val_loss"], state.get("training_state"))
+
+
+def starting_point(config: TrainingConfig, saved: Optional[Checkpoint], model: Optional[TransformerModel],
+                   tokenizer: Optional[Tokenizer]) -> tuple:
+    """The config, model and tokenizer to start from: a resumed run's own; a checkpoint to fine-tune
+    (its tokenizer and preprocessing, with a fresh optimizer and schedule); or those given. A
+    model given or loaded sets the config's model shape."""
+    if saved:
+        config = dataclasses.replace(saved.config, out_dir=config.out_dir, device=config.device,
+                                     compile=config.compile)
+        return config, saved.model, saved.tokenizer
+    if config.init_from:
+        start = load_checkpoint(config.init_from)
+        if start.model.quantization:
+            raise TinyLLMError(f"checkpoint {config.init_from} is {start.model.quantization}-quantized, "
+                               "which cannot be trained; fine-tune from the float checkpoint it came from")
+        inherited = ("model_size", "tokenizer", "lowercase", "normalize_whitespace")
+        config = dataclasses.replace(config, **{name: getattr(start.config, name) for name in inherited})
+        model, tokenizer = start.model, start.tokenizer
+    if model is not None:
+        shape = {name: getattr(model.config, name) for name in ("max_context", *MODEL_FIELDS)}
+        config = dataclasses.replace(config, **shape)
+    return config, model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer: its state, clock, files and plug-in points, then the loop itself
+
+
+@dataclass
+class RunState:
+    """Where a run stands. last.pt stores exactly these fields, so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    last_val_loss: float = math.nan
+    last_val_step: int = -1
+    bad_validations: int = 0  # validations in a row without a new best, for early stopping
+    recent_losses: List[torch.Tensor] = field(default_factory=list)  # each step's, since the last validation
+    epoch_rng_state: Optional[torch.Tensor] = None  # replayed on resume to cut the same batches
+    elapsed_seconds: float = 0.0
+    untimed_seconds: float = 0.0  # the first step, validation, samples and saves: not in tokens/s
+    scaler: dict = field(default_factory=dict)
+    data_sha256: str = ""
+    rng: dict = field(default_factory=dict)  # torch's random generators (dropout, samples)
+
+    def to_dict(self) -> dict:
+        """Tensors and plain data only, so last.pt loads with weights_only=True."""
+        return {**vars(self), "recent_losses": torch.tensor([float(loss) for loss in self.recent_losses])}
+
+    @classmethod
+    def from_checkpoint(cls, saved: Checkpoint, device: torch.device) -> "RunState":
+        """The state in `saved` (an earlier version kept step, epoch and best_val_loss outside it)."""
+        fields = {"step": saved.step, "epoch": saved.epoch, "best_val_loss": saved.best_val_loss,
+                  **saved.training_state}
+        return cls(**{**fields, "recent_losses": list(fields["recent_losses"].to(device))})
+
+
+class RunClock:
+    """Time: elapsed for the budget, time kept out of tokens/s, and tokens/s since the last report."""
+
+    def __init__(self, state: Optional[RunState] = None):
+        state = state or RunState()
+        self.start = time.perf_counter() - state.elapsed_seconds  # a resumed run counts the time spent
+        self.untimed, self.save_seconds = state.untimed_seconds, 0.0  # save: the latest checkpoint's
+        self.window = (self.train_seconds(), state.tokens_seen)  # training seconds and tokens, last report
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train_seconds(self) -> float:
+        return self.elapsed() - self.untimed
+
+    @contextlib.contextmanager
+    def untimed_block(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.untimed += time.perf_counter() - started
+
+    def rate(self, tokens_seen: int, *, discard: bool = False) -> float:
+        """Tokens/s of training since the last report; `discard` keeps that time out (a warm-up)."""
+        seconds, tokens = self.train_seconds() - self.window[0], tokens_seen - self.window[1]
+        if discard:
+            self.untimed += seconds
+        self.window = (self.train_seconds(), tokens_seen)
+        return tokens / max(seconds, 1e-9)
+
+
+class RunDirectory:
+    """The files of a run in `path`; nothing is written without a path (training in memory) or by a
+    distributed run's other processes (`main=False`)."""
+
+    FILES = ("best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log", "metrics.csv",
+             "samples.txt", "summary.json", "loss.png")
+
+    def __init__(self, path: Optional[PathLike], *, main: bool = True):
+        self.path, self.main = Path(path) if path is not None else None, main
+        self.writes = main and self.path is not None
+        self.console = logging.StreamHandler(sys.stdout)  # a progress bar plug-in may redirect it
+        self.handlers: List[logging.Handler] = []
+        self.metrics: Optional[MetricsLogger] = None
+
+    def check(self, *, overwrite: bool, resume: bool) -> None:
+        """Refuse to clobber an earlier run unless asked (its files go only when training starts)."""
+        if overwrite and resume:
+            raise TinyLLMError("--resume continues a run and --overwrite replaces it; choose one")
+        if resume and not (self.path and (self.path / "last.pt").is_file()):
+            raise TinyLLMError(f"nothing to resume: {self.path or '<no out_dir>'}/last.pt does not exist; "
+                               "start a new run without --resume")
+        if self.path is None:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TinyLLMError(f"cannot create output directory {self.path}: {e.strerror}") from None
+        existing = [f for f in self.FILES if (self.path / f).exists()]
+        if existing and not (overwrite or resume):
+            raise TinyLLMError(f"{self.path} already holds a training run ({', '.join(existing)}); pass "
+                               "--resume to continue it, another --out-dir, or --overwrite to replace it")
+        if not os.access(self.path, os.W_OK):
+            raise TinyLLMError(f"output directory {self.path} is not writable; choose another --out-dir")
+
+    def open(self, *, resumed_at: Optional[int], quiet: bool, metrics_csv: bool) -> None:
+        """Start the logs and metrics.csv, after clearing an overwritten run's files (or, resuming,
+        the metrics rows logged after last.pt)."""
+        self.console.setLevel(logging.WARNING if quiet else logging.INFO)
+        self.handlers = [self.console if self.main else logging.NullHandler()]  # other processes: silent
+        if self.writes:
+            if resumed_at is not None:
+                drop_metrics_after(self.path / "metrics.csv", resumed_at)
+            for name in () if resumed_at is not None else self.FILES:
+                (self.path / name).unlink(missing_ok=True)
+            self.handlers.append(logging.FileHandler(self.path / "tinyllm_training.log", encoding="utf-8"))
+            self.handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self.metrics = MetricsLogger(self.path / "metrics.csv") if metrics_csv else None
+        for handler in self.handlers:
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+    def write(self, name: str, text: str, *, append: bool = False) -> None:
+        if not self.writes:
+            return
+        with open(self.path / name, "a", encoding="utf-8") if append else atomic_write(self.path / name, "w") as f:
+            f.write(text)
+
+    def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        for handler in self.handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+class Callback:
+    """A trainer plug-in overrides the moments it needs. `on_validation` and `on_end` may return a
+    short note for that moment's log line; `on_end` may add to the summary."""
+
+    def on_start(self, trainer: Trainer) -> None: ...  # the model, optimizer and files are ready
+
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+    def on_validation(self, trainer: Trainer, row: dict) -> Optional[str]: ...  # row: the metrics row
+
+    def on_stop(self, trainer: Trainer, reason: str) -> None: ...  # the loop ended ("error": it raised)
+
+    def on_end(self, trainer: Trainer, summary: dict) -> Optional[str]: ...
+
+
+class World:
+    """The processes training together: just this one, unless a plug-in (torchrun's) says otherwise."""
+
+    rank, size = 0, 1
+
+    def join(self, device: torch.device) -> torch.device:
+        """Set up this process's part; return the device it trains on."""
+        return device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train; with several processes, one that averages their gradients."""
+        return model
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def max(self, value: int) -> int:
+        return value
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
+    if not available[name.split(":")[0]]:
+        raise TinyLLMError(f"--device {name} was asked for but PyTorch cannot see one here; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> tuple:
+    """The autocast dtype, and why: bfloat16 only where the hardware runs it fast."""
+    if name != "auto":
+        return DTYPES[name], "asked for"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "this CUDA GPU supports bfloat16"
+    if device.type == "cuda":
+        return torch.float16, "this CUDA GPU lacks bfloat16; float16 with a gradient scaler"
+    for probe, what in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        if device.type == "cpu" and getattr(torch.cpu, probe, lambda: False)():
+            return torch.bfloat16, f"this CPU has {what}"
+    return torch.float32, ("this CPU has no AMX or AVX512-BF16, so bfloat16 would be slower"
+                           if device.type == "cpu" else f"the safe choice on {device.type}")
+
+
+class Trainer:
+    """Owns one training run: data, model, optimizer, the loop, validation, samples and checkpoints.
+
+    `Trainer(config, text).train()` returns the summary (also written as summary.json). A model, a
+    tokenizer and separate validation text may be handed in; plug-ins attach as `callbacks`, and a
+    distributed run passes its `world`. With `resume`, the run in config.out_dir continues from its
+    last.pt with its own settings; only out_dir, device and compile come from `config`.
+    """
+
+    STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
+
+    def __init__(self, config: TrainingConfig, text: str, *, val_text: Optional[str] = None,
+                 model: Optional[TransformerModel] = None, tokenizer: Optional[Tokenizer] = None,
+                 callbacks: Sequence[Callback] = (), world: Optional[World] = None, quiet: bool = False,
+                 overwrite: bool = False, resume: bool = False):
+        self.world, self.callbacks, self.quiet = world or World(), list(callbacks), quiet
+        self.run_dir = RunDirectory(config.out_dir, main=self.world.rank == 0)
+        self.run_dir.check(overwrite=overwrite, resume=resume)
+        saved = load_checkpoint(self.run_dir.path / "last.pt") if resume else None
+        self.config, model, tokenizer = starting_point(config, saved, model, tokenizer)
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.device = self.world.join(resolve_device(c.device))
+        self.dtype, self.dtype_reason = resolve_dtype(c.dtype, self.device)
+        self.tokenizer, self.added_tokens, self.val_chars, train_ids, val_ids = prepare_data(
+            c, text, val_text, tokenizer)
+        self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
+        self.val_batches = fixed_batches(self.val_ids, c.max_context, c.batch_size, c.val_batches, c.seed)
+        batches = len(TokenWindows(train_ids, c.max_context)) // c.batch_size
+        self.steps_per_epoch = max(1, batches // self.world.size)
+        self.total_steps = min(c.epochs * self.steps_per_epoch, c.max_steps or math.inf)
+        self.model = (model or TransformerModel.from_config(c, self.tokenizer.vocab_size)).to(self.device)
+        if self.model.config.vocab_size < self.tokenizer.vocab_size:  # fine-tuning text with new characters
+            self.model.grow_vocabulary(self.tokenizer.vocab_size)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 products
+        self.eager_model = self.world.wrap(self.model)
+        # Compiling fuses the small operations between matrix products; evaluation and sampling use
+        # the plain module, so changing mode or shape never triggers a recompile.
+        self.train_model = torch.compile(self.eager_model, dynamic=False) if c.compile else self.eager_model
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.state = RunState(data_sha256=hashlib.sha256(torch.cat([train_ids, val_ids]).numpy()).hexdigest())
+        self.generator = torch.Generator().manual_seed(c.seed)  # shuffles the batches
+        self.clock, self.lr = RunClock(), c.learning_rate  # lr: the latest step's learning rate
+        self.best_weights: Optional[dict] = None  # the model's weights at the best validation loss
+        self.stop_requested, self.first_step = False, 1
+        if saved:
+            self._restore(saved)
+        self.resumed_at = self.state.step if saved else None  # the step last.pt was saved at
+
+    def _restore(self, saved: Checkpoint) -> None:
+        """Put the run back where last.pt left it: optimizer, schedule, position in the epoch, validation
+        history, timers, torch's random generators, and the best weights."""
+        path = self.run_dir.path / "last.pt"
+        if not saved.training_state or not saved.optimizer_state:
+            raise TinyLLMError(f"{path} holds no training state to resume from")
+        if saved.training_state.get("data_sha256") != self.state.data_sha256:
+            raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained on; "
+                               "pass the same --data to resume it")
+        try:
+            self.state = RunState.from_checkpoint(saved, self.device)
+            self.optimizer.load_state_dict(saved.optimizer_state)
+            self.scaler.load_state_dict(self.state.scaler)
+            torch.set_rng_state(self.state.rng["torch"])
+            if self.state.rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self.state.rng["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise TinyLLMError(f"{path} cannot be resumed from ({str(e).splitlines()[0][:200]})") from None
+        if (self.run_dir.path / "best.pt").is_file():
+            self.best_weights = load_checkpoint(self.run_dir.path / "best.pt", self.device).model.state_dict()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW, fused into one kernel; weight decay only on matrices, since decaying gains hurts."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99),
+                                 fused=self.device.type in ("cpu", "cuda"))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def learning_rate(self) -> float:
+        """Linear warmup, then cosine decay to a tenth, driven by steps or by the time budget spent."""
+        c, step = self.config, self.state.step
+        warmup = min(c.warmup_steps, self.total_steps // 5)
+        if step < warmup:
+            return c.learning_rate * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        if c.time_budget is not None:
+            progress = max(progress, self.clock.elapsed() / max(c.time_budget - self._final_work_seconds(), 1e-9))
+        return c.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """One optimizer step; the loss stays a tensor so the step never waits on the device."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            loss = self.train_model(x, y)[1]
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches, shared out among the processes."""
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            losses = [self.model(x, y)[1].float() for x, y in self.val_batches[self.world.rank::self.world.size]]
+        self.model.train()
+        return self.mean_over_processes(sum(losses, torch.zeros((), device=self.device)), len(losses))
+
+    def mean_over_processes(self, total: torch.Tensor, count: int) -> float:
+        """sum(total) / sum(count) over every process; in a single process, total / count."""
+        sums = self.world.sum(torch.stack([total.detach().float(), torch.tensor(float(count), device=total.device)]))
+        return (sums[0] / sums[1]).item()
+
+    def request_stop(self) -> None:
+        """End the run after the current step (a signal handler may call this)."""
+        self.stop_requested = True
+
+    def train(self) -> dict:
+        """Run the loop and write every output file; return the summary ({} on the other processes)."""
+        try:
+            self.world.barrier()  # every process has checked the out-dir before the first writes to it
+            self.run_dir.open(resumed_at=self.resumed_at, quiet=self.quiet,
+                              metrics_csv=self.config.metrics_csv_enabled)
+            self._log_start()
+            self._hook("on_start")
+            return self._finish(self._loop())
+        finally:
+            self.run_dir.close()
+
+    def _hook(self, name: str, *args: Any) -> str:
+        """Call `name` on every callback; return their notes for the log line, each after a comma."""
+        notes = [getattr(callback, name)(self, *args) for callback in self.callbacks]
+        return "".join(f", {note}" for note in notes if note)
+
+    def _log_start(self) -> None:
+        c, m = self.config, self.model.config
+        if self.run_dir.writes:
+            c.to_json(self.run_dir.path / "config.json")
+            self.tokenizer.save_state(self.run_dir.path / "tokenizer.json")
+        logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
+                    len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
+        if self.resumed_at is not None:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d of it)", self.run_dir.path / "last.pt",
+                        self.state.step, self.state.epoch, self.state.batch_in_epoch)
+        elif c.init_from:
+            logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
+        logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size, m.n_layer,
+                    m.n_head, m.n_embd, m.max_context, f"{self.model.num_parameters():,}")
+        logger.info("device %s, dtype %s (%s)", self.device, str(self.dtype)[6:], self.dtype_reason)
+        per_process = f" per process x {self.world.size} processes = {c.batch_size * self.world.size}"
+        logger.info("batch %d%s, %d steps per epoch, at most %d steps%s", c.batch_size,
+                    per_process if self.world.size > 1 else "", self.steps_per_epoch, self.total_steps,
+                    f", time budget {c.time_budget:g} s" if c.time_budget else "")
+
+    def _loop(self) -> str:
+        """Train until epochs, max_steps, the time budget, early stopping or a stop request ends it."""
+        self.clock, self.first_step = RunClock(self.state), self.state.step + 1
+        reason = "error"
+        try:
+            reason = self._run_epochs()
+        finally:
+            self._hook("on_stop", reason)
+        if self.state.last_val_step != self.state.step:
+            self._validate()
+        return reason
+
+    def _run_epochs(self) -> str:
+        c, state = self.config, self.state
+        while state.epoch < c.epochs:
+            if state.batch_in_epoch == 0:
+                state.epoch_rng_state = self.generator.get_state()
+            self.generator.set_state(state.epoch_rng_state)  # resuming mid-epoch replays its shuffle
+            loader = epoch_loader(self.train_ids, c.max_context, c.batch_size, self.generator, self.world.rank,
+                                  self.world.size)
+            for x, y in itertools.islice(loader, state.batch_in_epoch, None):
+                reason = self._stop_reason()
+                if reason:
+                    return reason
+                self.lr = self.learning_rate()
+                state.recent_losses.append(self.train_step(x, y, self.lr))
+                state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+                state.tokens_seen += y.numel() * self.world.size
+                self._after_step()
+            state.batch_in_epoch, state.epoch = 0, state.epoch + 1
+        return "epochs"
+
+    def _after_step(self) -> None:
+        c, step = self.config, self.state.step
+        if step == self.first_step:  # it compiles and warms up: report it, and keep it out of tokens/s
+            self.state.recent_losses[-1].item()  # wait for the device
+            seconds = self.clock.train_seconds() - self.clock.window[0]
+            self.clock.rate(self.state.tokens_seen, discard=True)
+            logger.info("first step took %.1f s (%s)", seconds,
+                        "warm-up" if self.train_model is self.eager_model else "compilation and warm-up")
+        if step % c.val_frequency == 0:
+            self._validate()
+        if step % c.sample_frequency == 0:
+            self._sample()
+        if step % c.checkpoint_frequency == 0:
+            self.save_last()
+        self._hook("on_step_end")
+
+    def _stop_reason(self) -> Optional[str]:
+        """Why to stop now, if at all. All processes agree on the latest reason in STOP_REASONS that any
+        of them has, since one that stopped alone would leave the others waiting for it forever."""
+        c, state = self.config, self.state
+        elapsed = self.clock.elapsed() + self._final_work_seconds() if c.time_budget is not None else 0.0
+        reasons = {"max_steps": c.max_steps is not None and state.step >= c.max_steps,
+                   "time_budget": c.time_budget is not None and elapsed >= c.time_budget,
+                   "early_stopping": (c.early_stopping_patience is not None
+                                      and state.bad_validations >= c.early_stopping_patience),
+                   "interrupted": self.stop_requested}
+        code = self.world.max(max((i + 1 for i, name in enumerate(self.STOP_REASONS) if reasons[name]), default=0))
+        return self.STOP_REASONS[code - 1] if code else None
+
+    def _final_work_seconds(self) -> float:
+        """An estimate of the work after the last step (validation, sample, checkpoint), so that a time
+        budget covers the whole run. A forward pass costs about a third of a training step per token;
+        counting two thirds leaves a margin."""
+        c, tokens_seen = self.config, self.state.tokens_seen
+        if not tokens_seen:
+            return 0.0
+        forward_tokens_per_second = 1.5 * tokens_seen / self.world.size / max(self.clock.train_seconds(), 1e-9)
+        forward_tokens = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
+        return forward_tokens / forward_tokens_per_second + self.clock.save_seconds
+
+    def _check_losses(self) -> None:
+        """Stop at a NaN or infinite loss, naming its step, before anything more is saved."""
+        losses = torch.stack(self.state.recent_losses) if self.state.recent_losses else torch.zeros(0)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise TinyLLMError(f"training loss became {losses[bad[0]].item()} at step "
+                               f"{self.state.step - len(losses) + 1 + int(bad[0])}; lower --learning-rate or "
+                               "set grad_clip (best.pt and last.pt keep the last good state)")
+
+    def _validate(self) -> None:
+        """Validate, log a metrics row, keep and save the best model; stop on a NaN loss."""
+        state = self.state
+        self._check_losses()
+        losses = state.recent_losses
+        train_loss = self.mean_over_processes(sum(losses, torch.zeros((), device=self.device)), len(losses))
+        tokens_per_second = self.clock.rate(state.tokens_seen)
+        with self.clock.untimed_block():
+            state.last_val_loss, state.last_val_step = self.evaluate(), state.step
+            improved = state.last_val_loss < state.best_val_loss
+            state.bad_validations = 0 if improved else state.bad_validations + 1
+            if improved:
+                state.best_val_loss = state.last_val_loss
+                self.best_weights = {name: w.detach().clone() for name, w in self.model.state_dict().items()}
+                self._save("best.pt")
+            epoch = state.epoch + (state.step - state.epoch * self.steps_per_epoch) / self.steps_per_epoch
+            row = dict(step=state.step, epoch=round(epoch, 4), train_loss=round(train_loss, 5),
+                       val_loss=round(state.last_val_loss, 5), learning_rate=self.lr,
+                       tokens_per_second=round(tokens_per_second, 1), elapsed_seconds=round(self.clock.elapsed(), 3))
+            notes = self._hook("on_validation", row)
+            logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f (%.3f bits/char), lr %.2e, "
+                        "%.0f tokens/s%s", state.step, epoch, train_loss, state.last_val_loss,
+                        self.bits_per_char(state.last_val_loss), self.lr, tokens_per_second, notes)
+            if self.run_dir.metrics:
+                self.run_dir.metrics.log(**row)
+            state.recent_losses = []
+
+    def bits_per_char(self, loss: float) -> float:
+        return bits_per_char(loss, len(self.val_ids), self.val_chars)
+
+    def _sample(self, label: str = "") -> str:
+        c = self.config
+        if not self.run_dir.main:
+            return ""
+        with self.clock.untimed_block():
+            text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length, temperature=c.temperature,
+                               lowercase=c.lowercase, normalize_whitespace=c.normalize_whitespace)
+            label = label or f"step {self.state.step}"
+            logger.info("sample at %s:\n%s", label, text)
+            self.run_dir.write("samples.txt", f"=== {label} ===\n{text}\n\n", append=True)
+        return text
+
+    def _save(self, name: str) -> None:
+        if not self.run_dir.writes:
+            return
+        started, state = time.perf_counter(), self.state
+        state.elapsed_seconds, state.untimed_seconds = self.clock.elapsed(), self.clock.untimed
+        state.scaler = self.scaler.state_dict()
+        state.rng = {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        save_checkpoint(self.run_dir.path / name, self.model, self.optimizer, self.config, self.tokenizer,
+                        step=state.step, epoch=state.epoch, best_val_loss=state.best_val_loss,
+                        training_state=state.to_dict())
+        self.clock.save_seconds = time.perf_counter() - started
+
+    def save_last(self) -> None:
+        """Write last.pt (kept out of tokens/s), once the losses since the last one are checked."""
+        self._check_losses()
+        with self.clock.untimed_block():
+            self._save("last.pt")
+
+    def _finish(self, stopped_because: str) -> dict:
+        """Write last.pt, score the best model on the whole validation split, sample, summarise."""
+        state, train_seconds = self.state, self.clock.train_seconds()
+        self.save_last()
+        if not self.run_dir.main:
+            return {}
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+        full_val_loss = evaluate_full(self.model, self.val_ids, self.config.batch_size, self.autocast)
+        sample = self._sample(f"the end, from the best model (step {state.step})")
+        tokens_per_second = state.tokens_seen / max(train_seconds, 1e-9)
+        summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
+                   "full_val_loss": full_val_loss, "full_val_bits_per_char": self.bits_per_char(full_val_loss),
+                   "steps": state.step, "epochs_completed": state.epoch, "tokens_seen": state.tokens_seen,
+                   "tokens_per_second": round(tokens_per_second, 1), "elapsed_seconds": round(self.clock.elapsed(), 3),
+                   "parameters": self.model.num_parameters(), "device": str(self.device),
+                   "dtype": str(self.dtype)[6:], "stopped_because": stopped_because, "sample": sample}
+        notes = self._hook("on_end", summary)
+        self.run_dir.write("summary.json", json.dumps(summary, indent=2))
+        logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f "
+                    "(%.3f bits/char), %.0f tokens/s%s", state.step, stopped_because, summary["elapsed_seconds"],
+                    state.best_val_loss, full_val_loss, summary["full_val_bits_per_char"], tokens_per_second, notes)
+        return summary

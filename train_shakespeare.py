@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import hashlib
 import itertools
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 from tqdm import tqdm
 
 import tinyllm
+import tinyllm_hooks
+import tinyllm_inference
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -38,6 +39,21 @@ CONFIG_FLAGS = {name: name for name in (
     "lowercase", "normalize_whitespace", "seed", "device", "dtype", "compile", "out_dir", "n_layer",
     "n_head", "n_embd", "dropout", "init_from")}
 CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
+
+
+def load_installed_plugins() -> None:
+    """Add the tokenizers and model sizes that installed packages declare as entry points (groups
+    `tinyllm.tokenizers` and `tinyllm.model_sizes`); one that fails gets a warning naming it."""
+    for group, registry in (("tinyllm.tokenizers", tinyllm.TOKENIZERS), ("tinyllm.model_sizes", tinyllm.MODEL_SIZES)):
+        for plugin in metadata.entry_points(group=group):
+            problem = "that name is already taken" if plugin.name in registry else None
+            try:
+                if not problem:
+                    registry.register(plugin.name, plugin.load())
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+            if problem:
+                warnings.warn(f"tinyllm: {registry.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: {problem}")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -139,7 +155,7 @@ def load_for_inference(args: argparse.Namespace) -> tinyllm.Checkpoint:
     """The checkpoint to use, int8-quantized if asked."""
     checkpoint = tinyllm.load_checkpoint(checkpoint_path(args), tinyllm.resolve_device(args.device or "auto"))
     if args.quantize and not checkpoint.model.quantization:
-        tinyllm.quantize_int8(checkpoint.model)
+        tinyllm_inference.quantize_int8(checkpoint.model)
     return checkpoint
 
 
@@ -150,8 +166,9 @@ def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, 
     config = checkpoint.config
     prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
     temperature = args.temperature if args.temperature is not None else config.temperature
-    pieces = tinyllm.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, args.num_chars,
-                                 temperature, args.top_k, args.top_p, args.stop, **prep, **options)
+    pieces = tinyllm_inference.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, args.num_chars,
+                                           temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                                           stop=args.stop, **prep, **options)
     return tinyllm.prepare_text(args.prompt, **prep), pieces
 
 
@@ -203,10 +220,10 @@ def quantize(args: argparse.Namespace) -> None:
     source = checkpoint_path(args)
     checkpoint = tinyllm.load_checkpoint(source)
     float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.model.state_dict().values())
-    tinyllm.quantize_int8(checkpoint.model)
+    tinyllm_inference.quantize_int8(checkpoint.model)
     target = source.with_suffix(".int8.pt")
     tinyllm.save_checkpoint(target, checkpoint.model, None, checkpoint.config, checkpoint.tokenizer,
-                            checkpoint.step, checkpoint.epoch, checkpoint.best_val_loss)
+                            step=checkpoint.step, epoch=checkpoint.epoch, best_val_loss=checkpoint.best_val_loss)
     print(f"wrote {target}: {target.stat().st_size / 1e6:.2f} MB; {source} is "
           f"{source.stat().st_size / 1e6:.2f} MB, of which {float_bytes / 1e6:.2f} MB float weights")
 
@@ -214,30 +231,31 @@ def quantize(args: argparse.Namespace) -> None:
 def benchmark(args: argparse.Namespace) -> None:
     """Time training steps of the configured model on the real data; nothing is kept."""
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
-    with tempfile.TemporaryDirectory() as out_dir:
-        config = dataclasses.replace(build_config(args), out_dir=out_dir)
-        trainer = tinyllm.Trainer(config, text, progress=False, quiet=True)
-        batches = (batch for _ in itertools.count() for batch in tinyllm.epoch_loader(
-            trainer.train_ids, config.max_context, config.batch_size, trainer.generator, trainer.rank,
-            trainer.world_size))  # endless
-        for _ in range(5):  # warm-up (and compilation, with --compile)
-            trainer.train_step(*next(batches), config.learning_rate).item()
-        rates = []
-        for _ in range(3):
-            start = time.perf_counter()
-            losses = [trainer.train_step(*next(batches), config.learning_rate) for _ in range(30)]
-            losses[-1].item()  # wait for the device to finish
-            tokens = 30 * config.batch_size * config.max_context * trainer.world_size
-            rates.append(tokens / (time.perf_counter() - start))
+    config = dataclasses.replace(build_config(args), out_dir=None)  # nothing is written
+    trainer = tinyllm.Trainer(config, text, quiet=True, world=tinyllm_hooks.world_from_environment())
+    compile_step, meter = tinyllm_hooks.CompileWithFallback(), tinyllm_hooks.ModelFlopsUtilization()
+    for callback in (compile_step, meter):
+        callback.on_start(trainer)
+    world = trainer.world
+    batches = (batch for _ in itertools.count() for batch in tinyllm.epoch_loader(
+        trainer.train_ids, config.max_context, config.batch_size, trainer.generator, world.rank, world.size))
+    for _ in range(5):  # warm-up (and compilation, with --compile)
+        trainer.train_step(*next(batches), config.learning_rate).item()
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        losses = [trainer.train_step(*next(batches), config.learning_rate) for _ in range(30)]
+        losses[-1].item()  # wait for the device to finish
+        rates.append(30 * config.batch_size * config.max_context * world.size / (time.perf_counter() - start))
     rate = sorted(rates)[1]
-    if not trainer.is_main:
+    if world.rank != 0:
         return
-    processes = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
+    processes = f" x {world.size} processes" if world.size > 1 else ""
     print(f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide, context "
           f"{config.max_context}, batch {config.batch_size}{processes}, {trainer.model.num_parameters():,} parameters, "
           f"{trainer.device} {str(trainer.dtype).replace('torch.', '')}: {rate:,.0f} tokens/s "
-          f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * trainer.mfu(rate):.1f}% "
-          f"of {trainer.peak_flops / 1e12:.2f} TFLOP/s")
+          f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * meter.mfu(trainer, rate):.1f}% "
+          f"of {meter.peak_flops / 1e12:.2f} TFLOP/s")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -252,12 +270,15 @@ def train(args: argparse.Namespace) -> None:
     else:
         config = build_config(args)
     # Under torchrun, process 0 downloads the text while the others wait for it.
-    _, rank, _ = tinyllm.init_distributed(tinyllm.resolve_device(config.device))
-    if rank == 0 and not args.data:
+    world = tinyllm_hooks.world_from_environment()
+    world.join(tinyllm.resolve_device(config.device))
+    if world.rank == 0 and not args.data:
         shakespeare_text(DEFAULT_DATA)
-    tinyllm.barrier()
+    world.barrier()
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
-    trainer = tinyllm.Trainer(config, text, quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
+    callbacks = tinyllm_hooks.standard_callbacks(progress_bar=sys.stdout.isatty() and not args.quiet)
+    trainer = tinyllm.Trainer(config, text, callbacks=callbacks, world=world, quiet=args.quiet,
+                              overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
     if summary and not args.quiet:
         print(f"\nfull validation loss {summary['full_val_loss']:.4f} after {summary['steps']} steps "
@@ -266,13 +287,10 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    load_installed_plugins()  # before the flags, whose help lists the tokenizers and sizes
     args = parse_args(argv)
     code = run(args)
-    if torch.distributed.is_initialized():
-        gc.collect()  # DistributedDataParallel must go before the process group it uses
-        if code == 0:  # and no process closes its connections while another still uses them
-            torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    tinyllm_hooks.leave_process_group(wait_for_others=code == 0)
     return code
 
 
@@ -282,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_process = os.environ.get("RANK", "0") != "0"
     try:
         if args.plot:
-            print(f"wrote {tinyllm.plot_losses(args.out_dir or 'out')}")
+            print(f"wrote {tinyllm_hooks.plot_losses(args.out_dir or 'out')}")
         elif args.generate:
             benchmark_generation(args) if args.benchmark else generate(args)
         elif args.evaluate:
@@ -295,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         if not quiet_process:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except tinyllm.TrainingInterrupted as e:  # last.pt is saved, and the log said how to resume
+    except tinyllm_hooks.TrainingInterrupted as e:  # last.pt is saved, and the log said how to resume
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-written is kept
         print("\ninterrupted", file=sys.stderr)
