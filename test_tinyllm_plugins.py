@@ -305,12 +305,29 @@ def test_without_matplotlib_a_run_says_how_to_get_the_plot_and_finishes(tmp_path
 # The command line, end to end
 
 
-def run_cli(*args, cwd=None):
-    """Run the command line on the CPU; compiling is left off, since each test's shapes would compile anew."""
-    args = [*map(str, args), *([] if "--compile" in args or "--generate" in args else ["--no-compile"]),
+def cli_args(args):
+    """On the CPU, and without compiling, since each test's shapes would compile anew."""
+    return [*map(str, args), *([] if "--compile" in args or "--generate" in args else ["--no-compile"]),
             *([] if "--device" in args else ["--device", "cpu"])]
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+
+
+def run_cli(*args, cwd=None):
+    """Run the command line in a new process."""
+    return subprocess.run([sys.executable, str(SCRIPT), *cli_args(args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the command line in this process, which saves the interpreter's start-up; same result as run_cli."""
+    def run(*args):
+        try:
+            code = train_shakespeare.main(cli_args(args))
+        except SystemExit as e:  # argparse's way out
+            code = e.code
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -350,30 +367,30 @@ def test_cli_training_writes_every_file(trained_run):
         assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_generate_refuses_a_prompt_with_unseen_characters(trained_run):
+def test_cli_generate_refuses_a_prompt_with_unseen_characters(trained_run, cli):
     tmp, _ = trained_run
-    result = run_cli("--generate", "--out-dir", tmp / "out", "--prompt", "ROMEO: ¿sé?")
+    result = cli("--generate", "--out-dir", tmp / "out", "--prompt", "ROMEO: ¿sé?")
     assert result.returncode == 2 and result.stdout == ""
     assert "'¿é'" in result.stderr and "never saw" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
-def test_cli_generate_prints_a_continuation(trained_run):
+def test_cli_generate_prints_a_continuation(trained_run, cli):
     tmp, _ = trained_run
-    result = run_cli("--generate", "--out-dir", tmp / "out", "--prompt", "JULIET:", "--num-chars", 50,
+    result = cli("--generate", "--out-dir", tmp / "out", "--prompt", "JULIET:", "--num-chars", 50,
                      "--seed", 1)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("juliet:") and len(result.stdout.rstrip("\n")) > len("juliet:")
 
 
-def test_cli_generate_samples_reproducibly_with_top_k_top_p_and_a_stop_string(trained_run):
+def test_cli_generate_samples_reproducibly_with_top_k_top_p_and_a_stop_string(trained_run, cli):
     tmp, _ = trained_run
     common = ["--generate", "--out-dir", tmp / "out", "--prompt", "ROMEO:", "--num-chars", 80, "--seed", 3]
-    first = run_cli(*common, "--top-k", 5, "--top-p", 0.9, "--temperature", 1.2)
+    first = cli(*common, "--top-k", 5, "--top-p", 0.9, "--temperature", 1.2)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == run_cli(*common, "--top-k", 5, "--top-p", 0.9, "--temperature", 1.2).stdout
-    greedy = run_cli(*common, "--top-k", 1).stdout
+    assert first.stdout == cli(*common, "--top-k", 5, "--top-p", 0.9, "--temperature", 1.2).stdout
+    greedy = cli(*common, "--top-k", 1).stdout
     stop = greedy[len("romeo:") + 5:len("romeo:") + 7]
-    stopped = run_cli(*common, "--top-k", 1, "--stop", stop).stdout
+    stopped = cli(*common, "--top-k", 1, "--stop", stop).stdout
     assert stopped == greedy[:greedy.index(stop, len("romeo:"))] + "\n"
 
 
@@ -390,43 +407,43 @@ def test_ctrl_c_while_generating_ends_quietly_with_exit_code_130(trained_run):
     assert stderr.strip() == "interrupted" and "Traceback" not in stderr
 
 
-def test_cli_quantizes_evaluates_and_generates_with_int8(trained_run):
+def test_cli_quantizes_evaluates_and_generates_with_int8(trained_run, cli):
     tmp, _ = trained_run
-    result = run_cli("--quantize", "int8", "--checkpoint", tmp / "out" / "best.pt")
+    result = cli("--quantize", "int8", "--checkpoint", tmp / "out" / "best.pt")
     assert result.returncode == 0 and "best.int8.pt" in result.stdout, result.stderr
     losses = {}
     for name in ("best.pt", "best.int8.pt"):
-        result = run_cli("--evaluate", "--checkpoint", tmp / "out" / name, "--data", tmp / "play.txt")
+        result = cli("--evaluate", "--checkpoint", tmp / "out" / name, "--data", tmp / "play.txt")
         assert result.returncode == 0, result.stderr
         losses[name] = float(result.stdout.split("full validation loss ")[1].split()[0])
     assert abs(losses["best.int8.pt"] - losses["best.pt"]) < 0.02
-    result = run_cli("--generate", "--checkpoint", tmp / "out" / "best.pt", "--quantize", "int8",
+    result = cli("--generate", "--checkpoint", tmp / "out" / "best.pt", "--quantize", "int8",
                      "--benchmark", "--num-chars", 30)
     assert result.returncode == 0 and "int8" in result.stdout and "with the KV cache" in result.stdout
 
 
-def test_cli_fine_tunes_a_checkpoint_on_new_text(trained_run):
+def test_cli_fine_tunes_a_checkpoint_on_new_text(trained_run, cli):
     tmp, _ = trained_run
     (tmp / "new.txt").write_text("QUEEN: 1, 2, 3 (and 4)!\n" * 200, encoding="utf-8")
-    result = run_cli("--init-from", tmp / "out" / "best.pt", "--data", tmp / "new.txt", "--out-dir",
+    result = cli("--init-from", tmp / "out" / "best.pt", "--data", tmp / "new.txt", "--out-dir",
                      tmp / "tuned", "--max-steps", 10, "--quiet")
     assert result.returncode == 0, result.stderr
     chars = tinyllm.load_tokenizer(tmp / "tuned" / "tokenizer.json").chars
     assert chars[:len(set(prepare_text(PLAY)))] == sorted(set(prepare_text(PLAY))) and "4" in chars
 
 
-def test_cli_plots_an_existing_run(trained_run):
+def test_cli_plots_an_existing_run(trained_run, cli):
     pytest.importorskip("matplotlib")
     tmp, _ = trained_run
     (tmp / "out" / "loss.png").unlink()  # drawn at the end of training; --plot draws it again
-    result = run_cli("--plot", "--out-dir", tmp / "out")
+    result = cli("--plot", "--out-dir", tmp / "out")
     assert result.returncode == 0 and (tmp / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_refuses_to_overwrite_a_run(trained_run):
+def test_cli_refuses_to_overwrite_a_run(trained_run, cli):
     tmp, _ = trained_run
     before = {p.name: p.read_bytes() for p in (tmp / "out").iterdir()}
-    result = run_cli("--data", tmp / "play.txt", "--out-dir", tmp / "out", "--size", "tiny")
+    result = cli("--data", tmp / "play.txt", "--out-dir", tmp / "out", "--size", "tiny")
     assert result.returncode == 2 and "--overwrite" in result.stderr
     assert {p.name: p.read_bytes() for p in (tmp / "out").iterdir()} == before
 
@@ -440,13 +457,13 @@ def test_cli_benchmark_prints_throughput(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["play.txt"]  # nothing written where it ran
 
 
-def test_cli_with_no_time_for_one_step_ends_cleanly_and_the_run_resumes(tmp_path):
+def test_cli_with_no_time_for_one_step_ends_cleanly_and_the_run_resumes(tmp_path, cli):
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     args = ["--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--quiet"]
-    result = run_cli(*args, "--size", "tiny", "--max-context", 32, "--time-budget", 0.000001)
+    result = cli(*args, "--size", "tiny", "--max-context", 32, "--time-budget", 0.000001)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 0
-    resumed = run_cli(*args, "--resume")
+    resumed = cli(*args, "--resume")
     assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
 
 
@@ -524,10 +541,10 @@ def test_a_signal_saves_last_pt_and_says_how_to_resume(tmp_path, signal_number, 
     assert stopped_at >= 50 and not (out / "summary.json").exists()
 
 
-def test_cli_stops_an_exploding_run_with_exit_code_2(tmp_path):
+def test_cli_stops_an_exploding_run_with_exit_code_2(tmp_path, cli):
     (tmp_path / "noclip.json").write_text('{"grad_clip": null, "warmup_steps": 0}')
     args = long_run_args(tmp_path, **{"--learning-rate": 1e9, "--config": tmp_path / "noclip.json"})
-    result = run_cli(*args, "--out-dir", tmp_path / "out")
+    result = cli(*args, "--out-dir", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "loss became nan at step" in result.stderr and len(result.stderr.splitlines()) == 1
 
