@@ -35,10 +35,10 @@ __all__ = [  # the last seven live in plug-in modules and are imported from ther
     "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "QUANTIZATIONS", "atomic_write", "Tokenizer",
     "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text", "load_text",
     "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches", "TransformerModel",
-    "KVCache", "generate", "generate_tokens", "encode_prompt", "sample_text", "evaluate_full", "MetricsLogger",
-    "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock", "RunDirectory", "Callback",
-    "World", "Trainer", "BytePairTokenizer", "stream_text", "Int8Linear", "quantize_int8", "plot_losses",
-    "TrainingInterrupted"]
+    "KVCache", "generate", "generate_tokens", "encode_prompt", "sample_text", "evaluate_full",
+    "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock",
+    "RunDirectory", "Callback", "World", "Trainer", "BytePairTokenizer", "stream_text", "Int8Linear",
+    "quantize_int8", "plot_losses", "TrainingInterrupted"]
 PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "stream_text": "tinyllm_inference",
                 "Int8Linear": "tinyllm_inference", "quantize_int8": "tinyllm_inference",
                 "plot_losses": "tinyllm_hooks", "TrainingInterrupted": "tinyllm_hooks"}
@@ -173,7 +173,8 @@ class Tokenizer:
     def save_state(self, path: PathLike) -> None:
         """Save the tokenizer as a language-neutral JSON file."""
         with atomic_write(path, "w") as f:
-            json.dump({"type": self.type_name, "version": self.version, **self.state()}, f, ensure_ascii=False)
+            json.dump({"type": self.type_name, "version": self.version, **self.state()}, f,
+                      ensure_ascii=False)
 
     @staticmethod
     def from_state(state: dict, source: str) -> "Tokenizer":
@@ -306,10 +307,10 @@ class TrainingConfig:
     sample_prompt: str = ""
     sample_length: int = 300
 
-    POSITIVE = ("epochs", "batch_size", "learning_rate", "max_context", "val_frequency", "checkpoint_frequency",
-                "sample_frequency", "temperature", "n_layer", "n_head", "n_embd", "val_batches",
-                "sample_length", "max_steps", "time_budget", "grad_clip", "early_stopping_patience",
-                "vocab_size")
+    POSITIVE = ("epochs", "batch_size", "learning_rate", "max_context", "val_frequency",
+                "checkpoint_frequency", "sample_frequency", "temperature", "n_layer", "n_head", "n_embd",
+                "val_batches", "sample_length", "max_steps", "time_budget", "grad_clip",
+                "early_stopping_patience", "vocab_size")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -349,7 +350,8 @@ class TrainingConfig:
         if self.out_dir == "":
             raise TinyLLMError("config field 'out_dir' must name a directory (or be null), got ''")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)} "
+                               "(or cuda:N)")
         if self.dtype not in DTYPES:
             raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         tokenizer = TOKENIZERS[self.tokenizer]  # an unknown name raises TinyLLMError listing the known ones
@@ -488,19 +490,23 @@ def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: to
     batches = BatchSampler(RandomSampler(windows, generator=generator), batch_size,
                            drop_last=len(windows) >= batch_size)
     # The loader draws its workers' seed from `generator` too, so the global RNG is left alone.
-    return DataLoader(windows, sampler=RankBatches(batches, rank, world_size), batch_size=None, generator=generator)
+    return DataLoader(windows, sampler=RankBatches(batches, rank, world_size), batch_size=None,
+                      generator=generator)
 
 
 def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: int, seed: int) -> list:
     """`n_batches` random batches chosen once, so successive validation losses are comparable."""
-    starts = torch.randint(len(ids) - context, (n_batches, batch_size), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(ids) - context, (n_batches, batch_size), generator=generator)
     windows = ids[starts.to(ids.device).unsqueeze(-1) + torch.arange(context + 1, device=ids.device)]
     return [(w[:, :-1], w[:, 1:]) for w in windows]
 
 
-def prepare_data(c: TrainingConfig, text: str, val_text: Optional[str], tokenizer: Optional[Tokenizer]) -> tuple:
+def prepare_data(config: TrainingConfig, text: str, val_text: Optional[str],
+                 tokenizer: Optional[Tokenizer]) -> tuple:
     """Preprocess; fit a new tokenizer (or grow a given one); split and encode: returns the tokenizer,
     how many tokens it gained, the validation text's length, and the training and validation ids."""
+    c = config
     text = prepare_text(text, c.lowercase, c.normalize_whitespace)
     val_text = None if val_text is None else prepare_text(val_text, c.lowercase, c.normalize_whitespace)
     every_text = text + (val_text or "")
@@ -658,8 +664,8 @@ class TransformerModel(nn.Module):
         """Add embedding and output rows for new tokens; the trained rows keep their values, so the
         old tokens' logits do not change until training updates them."""
         old, device = self.config.vocab_size, self.lm_head.weight.device
-        embedding, head = nn.Embedding(vocab_size, self.config.n_embd), nn.Linear(self.config.n_embd,
-                                                                                    vocab_size, bias=False)
+        n_embd = self.config.n_embd
+        embedding, head = nn.Embedding(vocab_size, n_embd), nn.Linear(n_embd, vocab_size, bias=False)
         for module, trained in ((embedding, self.token_embedding), (head, self.lm_head)):
             self._init_weights(module)
             with torch.no_grad():
@@ -717,7 +723,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
 @torch.inference_mode()
 def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing `idx` (B, T).
 
     The context window holds at most max_context tokens. When it is full, it jumps forward: the
@@ -726,12 +733,13 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     attending to it). Without the cache the same window is recomputed at each step, so both
     routes give the same tokens and the cache makes each step cost one position.
     """
-    for bad, message in [(not (temperature > 0 and math.isfinite(temperature)), f"temperature must be "
-                          f"positive, got {temperature!r} (for greedy decoding use top_k 1)"),
-                         (top_k is not None and top_k <= 0, f"top_k must be positive, got {top_k!r}"),
-                         (top_p is not None and not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p!r}")]:
-        if bad:
-            raise TinyLLMError(message)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise TinyLLMError(f"temperature must be positive, got {temperature!r} "
+                           "(for greedy decoding use top_k 1)")
+    if top_k is not None and top_k <= 0:
+        raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
     was_training = model.training
     model.eval()
     try:
@@ -743,19 +751,22 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
             if use_cache and cache is None:
                 cache, new = KVCache(model, idx.shape[0]), context
             logits = model(new if use_cache else context, cache=cache)[0][:, -1]
-            next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)
             yield next_id
             context, new = torch.cat([context, next_id], dim=1), next_id
     finally:  # also when the caller stops early, e.g. at a stop string
         model.train(was_training)
 
 
-def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int,
+             **sampling: Any) -> torch.Tensor:
     """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_tokens`."""
     return torch.cat([idx, *generate_tokens(model, idx, max_new_tokens, **sampling)], dim=1)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+def encode_prompt(tokenizer: Tokenizer, prompt: str,
+                  device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """A prepared prompt as a (1, T) tensor; an empty one starts from a newline (or token 0)."""
     try:
         ids = tokenizer.encode(prompt or "\n")
@@ -775,7 +786,8 @@ def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, leng
     prompt, device = prepare_text(prompt, lowercase, normalize_whitespace), next(model.parameters()).device
     idx = encode_prompt(tokenizer, prompt, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    return prompt + tokenizer.decode(generate(model, idx, length, generator=generator, **sampling)[0, idx.shape[1]:].tolist())
+    new_ids = generate(model, idx, length, generator=generator, **sampling)[0, idx.shape[1]:]
+    return prompt + tokenizer.decode(new_ids.tolist())
 
 
 @torch.no_grad()
@@ -786,7 +798,8 @@ def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
     model.eval()
     windows = TokenWindows(ids, model.max_context)
     tail = ids[len(windows) * model.max_context:]  # the last, shorter window
-    batches = (windows[list(range(i, min(i + batch_size, len(windows))))] for i in range(0, len(windows), batch_size))
+    batches = (windows[list(range(start, min(start + batch_size, len(windows))))]
+               for start in range(0, len(windows), batch_size))
     total, count = torch.zeros((), device=device), 0
     for x, y in itertools.chain(batches, [(tail[None, :-1], tail[None, 1:])] if len(tail) > 1 else []):
         with autocast():
@@ -803,7 +816,8 @@ def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
 class MetricsLogger:
     """Append one CSV row per call and flush it, so a crash never loses a logged row."""
 
-    COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_second", "elapsed_seconds")
+    COLUMNS = ("step", "epoch", "train_loss", "val_loss", "learning_rate", "tokens_per_second",
+               "elapsed_seconds")
 
     def __init__(self, path: PathLike, columns: Sequence[str] = COLUMNS):
         new_file = not Path(path).exists() or Path(path).stat().st_size == 0
@@ -867,7 +881,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") from None
+        raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") \
+            from None
     except Exception as e:  # torch raises many types for truncated, corrupt or unsafe files
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         reason = (f"it holds a pickled {unsafe.group(1)}, which could run code, so it was not loaded"
@@ -889,8 +904,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
                            f"model expects {model.config.vocab_size}")
     for name in ("max_context", *MODEL_FIELDS):
         if getattr(config, name) != getattr(model.config, name):
-            raise TinyLLMError(f"checkpoint {path} is inconsistent: its config has {name} {getattr(config, name)} "
-                               f"but its weights were built with {getattr(model.config, name)}")
+            raise TinyLLMError(f"checkpoint {path} is inconsistent: its config has {name} "
+                               f"{getattr(config, name)} but its weights were built with "
+                               f"{getattr(model.config, name)}")
     return Checkpoint(model.to(device), tokenizer, config, state["optimizer"], state["step"], state["epoch"],
                       state["best_val_loss"], state.get("training_state"))
 
@@ -1040,7 +1056,8 @@ class RunDirectory:
     def write(self, name: str, text: str, *, append: bool = False) -> None:
         if not self.writes:
             return
-        with open(self.path / name, "a", encoding="utf-8") if append else atomic_write(self.path / name, "w") as f:
+        path = self.path / name
+        with open(path, "a", encoding="utf-8") if append else atomic_write(path, "w") as f:
             f.write(text)
 
     def close(self) -> None:
@@ -1052,41 +1069,30 @@ class RunDirectory:
 
 
 class Callback:
-    """A trainer plug-in overrides the moments it needs. `on_validation` and `on_end` may return a
-    short note for that moment's log line; `on_end` may add to the summary."""
+    """A trainer plug-in overrides the moments it needs: the start (model, optimizer and files ready),
+    each step's end, each validation (`row`: the metrics row), the loop's stop (`reason`, "error" if
+    it raised) and the end. `on_validation` and `on_end` may return a note for that log line, and
+    `on_end` may add to the summary."""
 
-    def on_start(self, trainer: Trainer) -> None: ...  # the model, optimizer and files are ready
-
+    def on_start(self, trainer: Trainer) -> None: ...
     def on_step_end(self, trainer: Trainer) -> None: ...
-
-    def on_validation(self, trainer: Trainer, row: dict) -> Optional[str]: ...  # row: the metrics row
-
-    def on_stop(self, trainer: Trainer, reason: str) -> None: ...  # the loop ended ("error": it raised)
-
+    def on_validation(self, trainer: Trainer, row: dict) -> Optional[str]: ...
+    def on_stop(self, trainer: Trainer, reason: str) -> None: ...
     def on_end(self, trainer: Trainer, summary: dict) -> Optional[str]: ...
 
 
 class World:
-    """The processes training together: just this one, unless a plug-in (torchrun's) says otherwise."""
+    """The processes training together: just this one, unless a plug-in (torchrun's) says otherwise.
+    `join` sets this process up and returns its device; `wrap` gives the module to train (across
+    processes, one that averages their gradients); `sum` and `max` combine values over processes."""
 
     rank, size = 0, 1
 
-    def join(self, device: torch.device) -> torch.device:
-        """Set up this process's part; return the device it trains on."""
-        return device
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to train; with several processes, one that averages their gradients."""
-        return model
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def max(self, value: int) -> int:
-        return value
-
-    def barrier(self) -> None:
-        """Wait until every process gets here."""
+    def join(self, device: torch.device) -> torch.device: return device
+    def wrap(self, model: nn.Module) -> nn.Module: return model
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor: return tensor
+    def max(self, value: int) -> int: return value
+    def barrier(self) -> None: pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1172,8 +1178,8 @@ class Trainer:
         if not saved.training_state or not saved.optimizer_state:
             raise TinyLLMError(f"{path} holds no training state to resume from")
         if saved.training_state.get("data_sha256") != self.state.data_sha256:
-            raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained on; "
-                               "pass the same --data to resume it")
+            raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained "
+                               "on; pass the same --data to resume it")
         try:
             self.state = RunState.from_checkpoint(saved, self.device)
             self.optimizer.load_state_dict(saved.optimizer_state)
@@ -1207,7 +1213,8 @@ class Trainer:
             return c.learning_rate * (step + 1) / warmup
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         if c.time_budget is not None:
-            progress = max(progress, self.clock.elapsed() / max(c.time_budget - self._final_work_seconds(), 1e-9))
+            budget = max(c.time_budget - self._final_work_seconds(), 1e-9)
+            progress = max(progress, self.clock.elapsed() / budget)
         return c.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
@@ -1229,13 +1236,15 @@ class Trainer:
         """Mean loss over the fixed validation batches, shared out among the processes."""
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            losses = [self.model(x, y)[1].float() for x, y in self.val_batches[self.world.rank::self.world.size]]
+            mine = self.val_batches[self.world.rank::self.world.size]
+            losses = [self.model(x, y)[1].float() for x, y in mine]
         self.model.train()
         return self.mean_over_processes(sum(losses, torch.zeros((), device=self.device)), len(losses))
 
     def mean_over_processes(self, total: torch.Tensor, count: int) -> float:
         """sum(total) / sum(count) over every process; in a single process, total / count."""
-        sums = self.world.sum(torch.stack([total.detach().float(), torch.tensor(float(count), device=total.device)]))
+        count = torch.tensor(float(count), device=total.device)
+        sums = self.world.sum(torch.stack([total.detach().float(), count]))
         return (sums[0] / sums[1]).item()
 
     def request_stop(self) -> None:
@@ -1260,19 +1269,19 @@ class Trainer:
         return "".join(f", {note}" for note in notes if note)
 
     def _log_start(self) -> None:
-        c, m = self.config, self.model.config
+        c, m, state = self.config, self.model.config, self.state
         if self.run_dir.writes:
             c.to_json(self.run_dir.path / "config.json")
             self.tokenizer.save_state(self.run_dir.path / "tokenizer.json")
         logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
                     len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
         if self.resumed_at is not None:
-            logger.info("resumed from %s at step %d (epoch %d, batch %d of it)", self.run_dir.path / "last.pt",
-                        self.state.step, self.state.epoch, self.state.batch_in_epoch)
+            logger.info("resumed from %s at step %d (epoch %d, batch %d of it)",
+                        self.run_dir.path / "last.pt", state.step, state.epoch, state.batch_in_epoch)
         elif c.init_from:
             logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
-        logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size, m.n_layer,
-                    m.n_head, m.n_embd, m.max_context, f"{self.model.num_parameters():,}")
+        logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size,
+                    m.n_layer, m.n_head, m.n_embd, m.max_context, f"{self.model.num_parameters():,}")
         logger.info("device %s, dtype %s (%s)", self.device, str(self.dtype)[6:], self.dtype_reason)
         per_process = f" per process x {self.world.size} processes = {c.batch_size * self.world.size}"
         logger.info("batch %d%s, %d steps per epoch, at most %d steps%s", c.batch_size,
@@ -1297,8 +1306,8 @@ class Trainer:
             if state.batch_in_epoch == 0:
                 state.epoch_rng_state = self.generator.get_state()
             self.generator.set_state(state.epoch_rng_state)  # resuming mid-epoch replays its shuffle
-            loader = epoch_loader(self.train_ids, c.max_context, c.batch_size, self.generator, self.world.rank,
-                                  self.world.size)
+            loader = epoch_loader(self.train_ids, c.max_context, c.batch_size, self.generator,
+                                  self.world.rank, self.world.size)
             for x, y in itertools.islice(loader, state.batch_in_epoch, None):
                 reason = self._stop_reason()
                 if reason:
@@ -1337,7 +1346,8 @@ class Trainer:
                    "early_stopping": (c.early_stopping_patience is not None
                                       and state.bad_validations >= c.early_stopping_patience),
                    "interrupted": self.stop_requested}
-        code = self.world.max(max((i + 1 for i, name in enumerate(self.STOP_REASONS) if reasons[name]), default=0))
+        local = max((i + 1 for i, name in enumerate(self.STOP_REASONS) if reasons[name]), default=0)
+        code = self.world.max(local)
         return self.STOP_REASONS[code - 1] if code else None
 
     def _final_work_seconds(self) -> float:
@@ -1347,7 +1357,8 @@ class Trainer:
         c, tokens_seen = self.config, self.state.tokens_seen
         if not tokens_seen:
             return 0.0
-        forward_tokens_per_second = 1.5 * tokens_seen / self.world.size / max(self.clock.train_seconds(), 1e-9)
+        train_seconds = max(self.clock.train_seconds(), 1e-9)
+        forward_tokens_per_second = 1.5 * tokens_seen / self.world.size / train_seconds
         forward_tokens = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
         return forward_tokens / forward_tokens_per_second + self.clock.save_seconds
 
@@ -1378,7 +1389,8 @@ class Trainer:
             epoch = state.epoch + (state.step - state.epoch * self.steps_per_epoch) / self.steps_per_epoch
             row = dict(step=state.step, epoch=round(epoch, 4), train_loss=round(train_loss, 5),
                        val_loss=round(state.last_val_loss, 5), learning_rate=self.lr,
-                       tokens_per_second=round(tokens_per_second, 1), elapsed_seconds=round(self.clock.elapsed(), 3))
+                       tokens_per_second=round(tokens_per_second, 1),
+                       elapsed_seconds=round(self.clock.elapsed(), 3))
             notes = self._hook("on_validation", row)
             logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f (%.3f bits/char), lr %.2e, "
                         "%.0f tokens/s%s", state.step, epoch, train_loss, state.last_val_loss,
@@ -1395,8 +1407,9 @@ class Trainer:
         if not self.run_dir.main:
             return ""
         with self.clock.untimed_block():
-            text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length, temperature=c.temperature,
-                               lowercase=c.lowercase, normalize_whitespace=c.normalize_whitespace)
+            text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length,
+                               temperature=c.temperature, lowercase=c.lowercase,
+                               normalize_whitespace=c.normalize_whitespace)
             label = label or f"step {self.state.step}"
             logger.info("sample at %s:\n%s", label, text)
             self.run_dir.write("samples.txt", f"=== {label} ===\n{text}\n\n", append=True)
@@ -1433,14 +1446,17 @@ class Trainer:
         sample = self._sample(f"the end, from the best model (step {state.step})")
         tokens_per_second = state.tokens_seen / max(train_seconds, 1e-9)
         summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
-                   "full_val_loss": full_val_loss, "full_val_bits_per_char": self.bits_per_char(full_val_loss),
+                   "full_val_loss": full_val_loss,
+                   "full_val_bits_per_char": self.bits_per_char(full_val_loss),
                    "steps": state.step, "epochs_completed": state.epoch, "tokens_seen": state.tokens_seen,
-                   "tokens_per_second": round(tokens_per_second, 1), "elapsed_seconds": round(self.clock.elapsed(), 3),
+                   "tokens_per_second": round(tokens_per_second, 1),
+                   "elapsed_seconds": round(self.clock.elapsed(), 3),
                    "parameters": self.model.num_parameters(), "device": str(self.device),
                    "dtype": str(self.dtype)[6:], "stopped_because": stopped_because, "sample": sample}
         notes = self._hook("on_end", summary)
         self.run_dir.write("summary.json", json.dumps(summary, indent=2))
         logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f "
-                    "(%.3f bits/char), %.0f tokens/s%s", state.step, stopped_because, summary["elapsed_seconds"],
-                    state.best_val_loss, full_val_loss, summary["full_val_bits_per_char"], tokens_per_second, notes)
+                    "(%.3f bits/char), %.0f tokens/s%s", state.step, stopped_because,
+                    summary["elapsed_seconds"], state.best_val_loss, full_val_loss,
+                    summary["full_val_bits_per_char"], tokens_per_second, notes)
         return summary

@@ -46,7 +46,8 @@ class BytePairTokenizer(tinyllm.Tokenizer):
         """Learn merges until the vocabulary has `vocab_size` tokens (or no pair occurs twice)."""
         vocab_size = vocab_size or self.default_vocab_size
         if vocab_size < 256:
-            raise tinyllm.TinyLLMError(f"a byte-level BPE vocabulary needs at least 256 tokens, got {vocab_size}")
+            raise tinyllm.TinyLLMError(f"a byte-level BPE vocabulary needs at least 256 tokens, "
+                                       f"got {vocab_size}")
         counts = Counter(self.PIECES.findall(text))
         pieces, weights = [list(piece.encode("utf-8")) for piece in counts], list(counts.values())
         pair_counts, holders = Counter(), defaultdict(set)  # pair -> occurrences, and which pieces hold it

@@ -176,8 +176,8 @@ class StopOnSignals(tinyllm.Callback):
         trainer.save_last()
         signal_number = self.received or signal.SIGTERM  # or another process's signal
         path = trainer.run_dir.path
-        saved = (f"{path / 'last.pt'} holds the run. Continue it with --resume and the same --out-dir and --data"
-                 if path else "training in memory, nothing was saved")
+        saved = (f"{path / 'last.pt'} holds the run. Continue it with --resume and the same --out-dir "
+                 "and --data" if path else "training in memory, nothing was saved")
         message = f"stopped by {signal.Signals(signal_number).name} after step {trainer.state.step}; {saved}"
         logger.warning(message)
         raise TrainingInterrupted(signal_number, message)
@@ -300,7 +300,8 @@ class ProgressBar(tinyllm.Callback):
 
     def on_start(self, trainer: tinyllm.Trainer) -> None:
         if trainer.run_dir.main:
-            self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, unit="step",
+                            dynamic_ncols=True)
             trainer.run_dir.console.setStream(_AboveTheBar())
 
     def on_step_end(self, trainer: tinyllm.Trainer) -> None:

@@ -61,7 +61,8 @@ def stream_text(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, p
     back; so are the bytes of a character not yet complete. `sampling`: see `tinyllm.generate_tokens`.
     """
     device = next(model.parameters()).device
-    idx = tinyllm.encode_prompt(tokenizer, tinyllm.prepare_text(prompt, lowercase, normalize_whitespace), device)
+    prompt = tinyllm.prepare_text(prompt, lowercase, normalize_whitespace)
+    idx = tinyllm.encode_prompt(tokenizer, prompt, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     stop = [s for s in stop if s]
     pending, held = [], ""  # tokens not yet whole characters; text that may start a stop string

@@ -44,7 +44,8 @@ CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
 def load_installed_plugins() -> None:
     """Add the tokenizers and model sizes that installed packages declare as entry points (groups
     `tinyllm.tokenizers` and `tinyllm.model_sizes`); one that fails gets a warning naming it."""
-    for group, registry in (("tinyllm.tokenizers", tinyllm.TOKENIZERS), ("tinyllm.model_sizes", tinyllm.MODEL_SIZES)):
+    groups = {"tinyllm.tokenizers": tinyllm.TOKENIZERS, "tinyllm.model_sizes": tinyllm.MODEL_SIZES}
+    for group, registry in groups.items():
         for plugin in metadata.entry_points(group=group):
             problem = "that name is already taken" if plugin.name in registry else None
             try:
@@ -53,7 +54,8 @@ def load_installed_plugins() -> None:
             except Exception as e:
                 problem = f"{type(e).__name__}: {e}"
             if problem:
-                warnings.warn(f"tinyllm: {registry.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: {problem}")
+                warnings.warn(f"tinyllm: {registry.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: "
+                              f"{problem}")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -166,9 +168,9 @@ def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, 
     config = checkpoint.config
     prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
     temperature = args.temperature if args.temperature is not None else config.temperature
-    pieces = tinyllm_inference.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt, args.num_chars,
-                                           temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                                           stop=args.stop, **prep, **options)
+    pieces = tinyllm_inference.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt,
+                                           args.num_chars, temperature=temperature, top_k=args.top_k,
+                                           top_p=args.top_p, stop=args.stop, **prep, **options)
     return tinyllm.prepare_text(args.prompt, **prep), pieces
 
 
@@ -223,7 +225,8 @@ def quantize(args: argparse.Namespace) -> None:
     tinyllm_inference.quantize_int8(checkpoint.model)
     target = source.with_suffix(".int8.pt")
     tinyllm.save_checkpoint(target, checkpoint.model, None, checkpoint.config, checkpoint.tokenizer,
-                            step=checkpoint.step, epoch=checkpoint.epoch, best_val_loss=checkpoint.best_val_loss)
+                            step=checkpoint.step, epoch=checkpoint.epoch,
+                            best_val_loss=checkpoint.best_val_loss)
     print(f"wrote {target}: {target.stat().st_size / 1e6:.2f} MB; {source} is "
           f"{source.stat().st_size / 1e6:.2f} MB, of which {float_bytes / 1e6:.2f} MB float weights")
 
@@ -252,7 +255,8 @@ def benchmark(args: argparse.Namespace) -> None:
         return
     processes = f" x {world.size} processes" if world.size > 1 else ""
     print(f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide, context "
-          f"{config.max_context}, batch {config.batch_size}{processes}, {trainer.model.num_parameters():,} parameters, "
+          f"{config.max_context}, batch {config.batch_size}{processes}, "
+          f"{trainer.model.num_parameters():,} parameters, "
           f"{trainer.device} {str(trainer.dtype).replace('torch.', '')}: {rate:,.0f} tokens/s "
           f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * meter.mfu(trainer, rate):.1f}% "
           f"of {meter.peak_flops / 1e12:.2f} TFLOP/s")
