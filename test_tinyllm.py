@@ -35,8 +35,8 @@ def tiny_model(vocab_size=11, max_context=16, n_layer=2, n_head=2, n_embd=16, se
 
 
 def tiny_config(tmp_path, **overrides):
-    fields = dict(model_size="tiny", max_context=32, batch_size=8, val_frequency=10, compile=False, device="cpu",
-                  sample_frequency=1000, sample_length=20, out_dir=str(tmp_path / "out"))
+    fields = dict(model_size="tiny", max_context=32, batch_size=8, val_frequency=10, compile=False,
+                  device="cpu", sample_frequency=1000, sample_length=20, out_dir=str(tmp_path / "out"))
     return TrainingConfig(**{**fields, **overrides})
 
 
@@ -385,7 +385,9 @@ def test_sampling_with_a_seed_is_reproducible_with_or_without_the_cache():
 def test_top_k_and_top_p_sample_only_from_the_allowed_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     generator = torch.Generator().manual_seed(0)
-    draw = lambda **kw: {tinyllm.sample_next(logits, generator=generator, **kw).item() for _ in range(300)}
+
+    def draw(**kw):
+        return {tinyllm.sample_next(logits, generator=generator, **kw).item() for _ in range(300)}
     assert draw(top_k=2) == {0, 1}
     assert draw(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8: the nucleus is two tokens
     assert draw(top_p=0.81) == {0, 1, 2}
@@ -619,7 +621,8 @@ def test_a_model_builds_from_its_config_and_samples_with_keyword_options_only():
     assert model.config == config and TransformerModel(11, 16, 1, 2, 16).config == config
     assert TransformerModel.from_config(tiny_config(Path("."), max_context=16), 11).config.n_embd == 32
     idx = torch.zeros(2, 3, dtype=torch.long)
-    out = model.generate(idx, 5, temperature=0.5, top_k=3, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    out = model.generate(idx, 5, temperature=0.5, top_k=3, top_p=0.9, generator=generator)
     assert out.shape == (2, 8) and torch.equal(out[:, :3], idx)
     with pytest.raises(TypeError):  # a float can never bind to the generator by position
         tinyllm.generate(model, idx, 5, 1.0, 3)
@@ -646,7 +649,7 @@ def test_a_model_tokenizer_and_validation_text_can_be_handed_to_the_trainer():
     model = TransformerModel(tinyllm.ModelConfig(tokenizer.vocab_size, max_context=16, n_layer=1, n_head=2,
                                                  n_embd=16))
     val_text = "JULIET:\nA zebra, Romeo? Wherefore a zebra?\n\n" * 5
-    config = tiny_config(Path("."), max_steps=5, out_dir=None)  # its max_context of 32 gives way to the model's
+    config = tiny_config(Path("."), max_steps=5, out_dir=None)  # its max_context of 32 yields to the model's
     trainer = tinyllm.Trainer(config, PLAY, val_text=val_text, model=model, tokenizer=tokenizer, quiet=True)
     assert trainer.model is model and trainer.tokenizer is tokenizer and trainer.config.max_context == 16
     assert tokenizer.decode(trainer.val_ids.tolist()) == prepare_text(val_text)
@@ -668,7 +671,8 @@ def test_a_tokenizer_registered_without_a_type_name_round_trips_through_a_checkp
         loaded = tinyllm.load_checkpoint(tmp_path / "out" / "best.pt")
         assert type(loaded.tokenizer) is ReversedTokenizer and ReversedTokenizer.type_name == "reversed"
         from_file = tinyllm.load_tokenizer(tmp_path / "out" / "tokenizer.json")
-        assert type(from_file) is ReversedTokenizer and from_file.encode("romeo") == loaded.tokenizer.encode("romeo")
+        assert type(from_file) is ReversedTokenizer
+        assert from_file.encode("romeo") == loaded.tokenizer.encode("romeo")
     finally:
         del tinyllm.TOKENIZERS.entries["reversed"]
 
@@ -721,7 +725,8 @@ def test_callbacks_see_each_moment_and_may_stop_the_run_and_add_notes(tmp_path):
             summary["recorded"] = len(self.seen)
             return "the recorder's last word"
     recorder = Recorder()
-    summary = tinyllm.Trainer(tiny_config(tmp_path, max_steps=40), PLAY, callbacks=[recorder], quiet=True).train()
+    config = tiny_config(tmp_path, max_steps=40)
+    summary = tinyllm.Trainer(config, PLAY, callbacks=[recorder], quiet=True).train()
     assert recorder.seen == (["start"] + ["step"] * 9 + ["validation 10"] + ["step"] * 6
                              + ["stop: interrupted", "validation 15"])
     assert summary["stopped_because"] == "interrupted" and summary["steps"] == 15
@@ -734,9 +739,10 @@ def test_a_run_with_no_time_for_one_step_ends_cleanly_and_can_be_resumed(tmp_pat
     config = tiny_config(tmp_path, time_budget=1e-6)
     summary = tinyllm.Trainer(config, PLAY, quiet=True).train()
     assert (summary["steps"], summary["stopped_because"]) == (0, "time_budget")
-    assert math.isfinite(summary["full_val_loss"]) and tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 0
-    resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False), PLAY, quiet=True,
-                              resume=True)
+    assert math.isfinite(summary["full_val_loss"])
+    assert tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 0
+    where = TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
+    resumed = tinyllm.Trainer(where, PLAY, quiet=True, resume=True)
     assert resumed.train()["steps"] == 0
     assert (tmp_path / "out" / "samples.txt").read_text().count("=== the end") == 2  # nothing was cleared
 
@@ -745,13 +751,13 @@ CORE_ALONE = """
 import sys
 import tinyllm
 
-config = tinyllm.TrainingConfig(model_size="tiny", max_steps=30, max_context=32, batch_size=8, val_frequency=10,
-                                device="cpu", out_dir="run", sample_length=20)
+config = tinyllm.TrainingConfig(model_size="tiny", max_steps=30, max_context=32, batch_size=8,
+                                val_frequency=10, device="cpu", out_dir="run", sample_length=20)
 summary = tinyllm.Trainer(config, tinyllm.load_text("play.txt")).train()
 checkpoint = tinyllm.load_checkpoint("run/best.pt")
 print("SAMPLE", repr(tinyllm.sample_text(checkpoint.model, checkpoint.tokenizer, "ROMEO:", 40, seed=1)))
-in_memory = tinyllm.Trainer(config.__class__(model_size="tiny", max_steps=5, max_context=32, device="cpu",
-                                             out_dir=None), "To be, or not to be, that is the question. " * 50)
+small = tinyllm.TrainingConfig(model_size="tiny", max_steps=5, max_context=32, device="cpu", out_dir=None)
+in_memory = tinyllm.Trainer(small, "To be, or not to be, that is the question. " * 50)
 print("STEPS", summary["steps"], in_memory.train()["steps"])
 print("PLUG-INS IMPORTED", sorted(name for name in sys.modules if name.startswith("tinyllm_")))
 """
@@ -766,5 +772,7 @@ def test_the_core_alone_in_an_empty_folder_trains_and_samples(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "SAMPLE 'romeo:" in result.stdout and "STEPS 30 5" in result.stdout
     assert "PLUG-INS IMPORTED []" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["__pycache__", "demo.py", "play.txt", "run", "tinyllm.py"]
-    assert {"best.pt", "last.pt", "metrics.csv", "summary.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["__pycache__", "demo.py", "play.txt", "run",
+                                                          "tinyllm.py"]
+    run_files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"best.pt", "last.pt", "metrics.csv", "summary.json"} <= run_files

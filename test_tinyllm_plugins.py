@@ -87,6 +87,23 @@ def test_training_with_bpe_reports_bits_per_character_and_samples_text(tmp_path)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
 
 
+def test_every_name_tinyllm_exported_before_the_plug_ins_still_imports_from_it():
+    exported = ["TinyLLMError", "TrainingInterrupted", "Registry", "TOKENIZERS", "MODEL_SIZES", "Tokenizer",
+                "CharacterTokenizer", "BytePairTokenizer", "load_tokenizer", "TrainingConfig",
+                "prepare_text", "load_text", "split_train_val", "bits_per_char", "TokenWindows",
+                "TransformerModel", "KVCache", "generate", "generate_tokens", "stream_text", "sample_text",
+                "evaluate_full", "Trainer", "Int8Linear", "quantize_int8", "MetricsLogger", "plot_losses",
+                "Checkpoint", "save_checkpoint", "load_checkpoint", "atomic_write", "resolve_compile",
+                "measure_peak_flops", "merge_pair"]
+    namespace = {}
+    exec(f"from tinyllm import {', '.join(exported)}", namespace)
+    assert namespace["BytePairTokenizer"] is tinyllm_bpe.BytePairTokenizer
+    assert namespace["plot_losses"] is tinyllm_hooks.plot_losses
+    assert set(tinyllm.__all__) >= set(exported) - {"resolve_compile", "measure_peak_flops", "merge_pair"}
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        tinyllm.nothing_here
+
+
 # ---------------------------------------------------------------------------------------------
 # Third-party plug-ins found through entry points, and the download of the default data
 
@@ -273,7 +290,8 @@ def test_flops_per_token_counts_matrix_weights_six_times():
 
 def test_mfu_is_logged_at_each_validation_and_summarised(tmp_path):
     config = tiny_config(tmp_path, max_steps=20)
-    summary = tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[tinyllm_hooks.ModelFlopsUtilization()]).train()
+    meter = tinyllm_hooks.ModelFlopsUtilization()
+    summary = tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[meter]).train()
     assert 0 < summary["mfu"] < 1 and summary["peak_tflops"] > 0
     log = (tmp_path / "out" / "tinyllm_training.log").read_text()
     assert log.count("tokens/s, MFU ") == 3 and "TFLOP/s (a matrix multiply in float32, measured)" in log
@@ -319,7 +337,7 @@ def run_cli(*args, cwd=None):
 
 @pytest.fixture
 def cli(capsys):
-    """Run the command line in this process, which saves the interpreter's start-up; same result as run_cli."""
+    """Run the command line in this process, saving the interpreter's start-up; returns what run_cli does."""
     def run(*args):
         try:
             code = train_shakespeare.main(cli_args(args))
@@ -377,7 +395,7 @@ def test_cli_generate_refuses_a_prompt_with_unseen_characters(trained_run, cli):
 def test_cli_generate_prints_a_continuation(trained_run, cli):
     tmp, _ = trained_run
     result = cli("--generate", "--out-dir", tmp / "out", "--prompt", "JULIET:", "--num-chars", 50,
-                     "--seed", 1)
+                 "--seed", 1)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("juliet:") and len(result.stdout.rstrip("\n")) > len("juliet:")
 
@@ -418,7 +436,7 @@ def test_cli_quantizes_evaluates_and_generates_with_int8(trained_run, cli):
         losses[name] = float(result.stdout.split("full validation loss ")[1].split()[0])
     assert abs(losses["best.int8.pt"] - losses["best.pt"]) < 0.02
     result = cli("--generate", "--checkpoint", tmp / "out" / "best.pt", "--quantize", "int8",
-                     "--benchmark", "--num-chars", 30)
+                 "--benchmark", "--num-chars", 30)
     assert result.returncode == 0 and "int8" in result.stdout and "with the KV cache" in result.stdout
 
 
@@ -426,7 +444,7 @@ def test_cli_fine_tunes_a_checkpoint_on_new_text(trained_run, cli):
     tmp, _ = trained_run
     (tmp / "new.txt").write_text("QUEEN: 1, 2, 3 (and 4)!\n" * 200, encoding="utf-8")
     result = cli("--init-from", tmp / "out" / "best.pt", "--data", tmp / "new.txt", "--out-dir",
-                     tmp / "tuned", "--max-steps", 10, "--quiet")
+                 tmp / "tuned", "--max-steps", 10, "--quiet")
     assert result.returncode == 0, result.stderr
     chars = tinyllm.load_tokenizer(tmp / "tuned" / "tokenizer.json").chars
     assert chars[:len(set(prepare_text(PLAY)))] == sorted(set(prepare_text(PLAY))) and "4" in chars
@@ -660,7 +678,7 @@ def first_step_in_process(rank, world_size, port, batch_size, out_dir, result_pa
     x, y = next(iter(loader))
     loss = trainer.train_model(x, y)[1]
     loss.backward()  # DistributedDataParallel averages the gradients here
-    mean_loss = trainer.mean_over_processes(loss, 1)
+    mean_loss = trainer.world.mean(loss, 1)
     if rank == 0:
         grads = {name: p.grad for name, p in trainer.model.named_parameters()}
         torch.save({"loss": mean_loss, "grads": grads}, result_path)

@@ -39,9 +39,11 @@ __all__ = [  # the last seven live in plug-in modules and are imported from ther
     "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock",
     "RunDirectory", "Callback", "World", "Trainer", "BytePairTokenizer", "stream_text", "Int8Linear",
     "quantize_int8", "plot_losses", "TrainingInterrupted"]
-PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "stream_text": "tinyllm_inference",
-                "Int8Linear": "tinyllm_inference", "quantize_int8": "tinyllm_inference",
-                "plot_losses": "tinyllm_hooks", "TrainingInterrupted": "tinyllm_hooks"}
+PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "merge_pair": "tinyllm_bpe",
+                "stream_text": "tinyllm_inference", "Int8Linear": "tinyllm_inference",
+                "quantize_int8": "tinyllm_inference",
+                "plot_losses": "tinyllm_hooks", "TrainingInterrupted": "tinyllm_hooks",
+                "resolve_compile": "tinyllm_hooks", "measure_peak_flops": "tinyllm_hooks"}
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger("tinyllm")
 
@@ -958,9 +960,28 @@ class RunState:
     data_sha256: str = ""
     rng: dict = field(default_factory=dict)  # torch's random generators (dropout, samples)
 
-    def to_dict(self) -> dict:
-        """Tensors and plain data only, so last.pt loads with weights_only=True."""
+    def check_losses(self) -> None:
+        """Stop at a NaN or infinite loss since the last validation, naming its step, before it is saved."""
+        losses = torch.stack(self.recent_losses) if self.recent_losses else torch.zeros(0)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise TinyLLMError(f"training loss became {losses[bad[0]].item()} at step "
+                               f"{self.step - len(losses) + 1 + int(bad[0])}; lower --learning-rate or set "
+                               "grad_clip (best.pt and last.pt keep the last good state)")
+
+    def snapshot(self, clock: RunClock, scaler: torch.amp.GradScaler) -> dict:
+        """The state now, with the clock, the gradient scaler and torch's random generators: tensors and
+        plain data only, so last.pt loads with weights_only=True."""
+        self.elapsed_seconds, self.untimed_seconds = clock.elapsed(), clock.untimed
+        self.scaler = scaler.state_dict()
+        self.rng = {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         return {**vars(self), "recent_losses": torch.tensor([float(loss) for loss in self.recent_losses])}
+
+    def restore_rng(self) -> None:
+        torch.set_rng_state(self.rng["torch"])
+        if self.rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
 
     @classmethod
     def from_checkpoint(cls, saved: Checkpoint, device: torch.device) -> "RunState":
@@ -971,10 +992,13 @@ class RunState:
 
 
 class RunClock:
-    """Time: elapsed for the budget, time kept out of tokens/s, and tokens/s since the last report."""
+    """Time: the budget, the time kept out of tokens/s (the first step, validation, samples, saves),
+    and tokens/s since the last report."""
 
-    def __init__(self, state: Optional[RunState] = None):
+    def __init__(self, budget: Optional[float] = None, final_tokens: int = 0,
+                 state: Optional[RunState] = None):
         state = state or RunState()
+        self.budget, self.final_tokens = budget, final_tokens  # final: tokens scored after the last step
         self.start = time.perf_counter() - state.elapsed_seconds  # a resumed run counts the time spent
         self.untimed, self.save_seconds = state.untimed_seconds, 0.0  # save: the latest checkpoint's
         self.window = (self.train_seconds(), state.tokens_seen)  # training seconds and tokens, last report
@@ -985,6 +1009,18 @@ class RunClock:
     def train_seconds(self) -> float:
         return self.elapsed() - self.untimed
 
+    def budget_spent(self, tokens_per_process: int) -> float:
+        """The share of the time budget spent (0 without one), counting the work after the last step
+        too, so the budget covers the whole run. A forward pass costs about a third of a training step
+        per token; counting two thirds leaves a margin."""
+        if self.budget is None:
+            return 0.0
+        final_seconds = 0.0
+        if tokens_per_process:
+            forward_tokens_per_second = 1.5 * tokens_per_process / max(self.train_seconds(), 1e-9)
+            final_seconds = self.final_tokens / forward_tokens_per_second + self.save_seconds
+        return (self.elapsed() + final_seconds) / self.budget
+
     @contextlib.contextmanager
     def untimed_block(self) -> Iterator[None]:
         started = time.perf_counter()
@@ -993,13 +1029,18 @@ class RunClock:
         finally:
             self.untimed += time.perf_counter() - started
 
-    def rate(self, tokens_seen: int, *, discard: bool = False) -> float:
-        """Tokens/s of training since the last report; `discard` keeps that time out (a warm-up)."""
+    def rate(self, tokens_seen: int) -> float:
+        """Tokens per second of training since the last report."""
         seconds, tokens = self.train_seconds() - self.window[0], tokens_seen - self.window[1]
-        if discard:
-            self.untimed += seconds
         self.window = (self.train_seconds(), tokens_seen)
         return tokens / max(seconds, 1e-9)
+
+    def discard(self, tokens_seen: int) -> float:
+        """Keep the time since the last report out of tokens/s (a warm-up); return it."""
+        seconds = self.train_seconds() - self.window[0]
+        self.untimed += seconds
+        self.window = (self.train_seconds(), tokens_seen)
+        return seconds
 
 
 class RunDirectory:
@@ -1036,9 +1077,10 @@ class RunDirectory:
         if not os.access(self.path, os.W_OK):
             raise TinyLLMError(f"output directory {self.path} is not writable; choose another --out-dir")
 
-    def open(self, *, resumed_at: Optional[int], quiet: bool, metrics_csv: bool) -> None:
-        """Start the logs and metrics.csv, after clearing an overwritten run's files (or, resuming,
-        the metrics rows logged after last.pt)."""
+    def open(self, config: TrainingConfig, tokenizer: Tokenizer, *, resumed_at: Optional[int],
+             quiet: bool) -> None:
+        """Write config.json and tokenizer.json and start the logs and metrics.csv, after clearing an
+        overwritten run's files (or, resuming, the metrics rows logged after last.pt)."""
         self.console.setLevel(logging.WARNING if quiet else logging.INFO)
         self.handlers = [self.console if self.main else logging.NullHandler()]  # other processes: silent
         if self.writes:
@@ -1048,7 +1090,9 @@ class RunDirectory:
                 (self.path / name).unlink(missing_ok=True)
             self.handlers.append(logging.FileHandler(self.path / "tinyllm_training.log", encoding="utf-8"))
             self.handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            self.metrics = MetricsLogger(self.path / "metrics.csv") if metrics_csv else None
+            self.metrics = MetricsLogger(self.path / "metrics.csv") if config.metrics_csv_enabled else None
+            config.to_json(self.path / "config.json")
+            tokenizer.save_state(self.path / "tokenizer.json")
         for handler in self.handlers:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -1084,13 +1128,14 @@ class Callback:
 class World:
     """The processes training together: just this one, unless a plug-in (torchrun's) says otherwise.
     `join` sets this process up and returns its device; `wrap` gives the module to train (across
-    processes, one that averages their gradients); `sum` and `max` combine values over processes."""
+    processes, one that averages their gradients); `mean` is sum(total) / sum(count) over the
+    processes, and `max` the largest value any of them has."""
 
     rank, size = 0, 1
 
     def join(self, device: torch.device) -> torch.device: return device
     def wrap(self, model: nn.Module) -> nn.Module: return model
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor: return tensor
+    def mean(self, total: torch.Tensor, count: int) -> float: return float(total / count)  # 0 / 0: nan
     def max(self, value: int) -> int: return value
     def barrier(self) -> None: pass
 
@@ -1151,7 +1196,9 @@ class Trainer:
         batches = len(TokenWindows(train_ids, c.max_context)) // c.batch_size
         self.steps_per_epoch = max(1, batches // self.world.size)
         self.total_steps = min(c.epochs * self.steps_per_epoch, c.max_steps or math.inf)
-        self.model = (model or TransformerModel.from_config(c, self.tokenizer.vocab_size)).to(self.device)
+        if model is None:
+            model = TransformerModel.from_config(c, self.tokenizer.vocab_size)
+        self.model = model.to(self.device)
         if self.model.config.vocab_size < self.tokenizer.vocab_size:  # fine-tuning text with new characters
             self.model.grow_vocabulary(self.tokenizer.vocab_size)
         if self.device.type == "cuda":
@@ -1184,9 +1231,7 @@ class Trainer:
             self.state = RunState.from_checkpoint(saved, self.device)
             self.optimizer.load_state_dict(saved.optimizer_state)
             self.scaler.load_state_dict(self.state.scaler)
-            torch.set_rng_state(self.state.rng["torch"])
-            if self.state.rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self.state.rng["cuda"])
+            self.state.restore_rng()
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise TinyLLMError(f"{path} cannot be resumed from ({str(e).splitlines()[0][:200]})") from None
         if (self.run_dir.path / "best.pt").is_file():
@@ -1211,10 +1256,7 @@ class Trainer:
         warmup = min(c.warmup_steps, self.total_steps // 5)
         if step < warmup:
             return c.learning_rate * (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        if c.time_budget is not None:
-            budget = max(c.time_budget - self._final_work_seconds(), 1e-9)
-            progress = max(progress, self.clock.elapsed() / budget)
+        progress = max((step - warmup) / max(1, self.total_steps - warmup), self._budget_spent())
         return c.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
@@ -1239,13 +1281,7 @@ class Trainer:
             mine = self.val_batches[self.world.rank::self.world.size]
             losses = [self.model(x, y)[1].float() for x, y in mine]
         self.model.train()
-        return self.mean_over_processes(sum(losses, torch.zeros((), device=self.device)), len(losses))
-
-    def mean_over_processes(self, total: torch.Tensor, count: int) -> float:
-        """sum(total) / sum(count) over every process; in a single process, total / count."""
-        count = torch.tensor(float(count), device=total.device)
-        sums = self.world.sum(torch.stack([total.detach().float(), count]))
-        return (sums[0] / sums[1]).item()
+        return self.world.mean(sum(losses, torch.zeros((), device=self.device)), len(losses))
 
     def request_stop(self) -> None:
         """End the run after the current step (a signal handler may call this)."""
@@ -1255,8 +1291,7 @@ class Trainer:
         """Run the loop and write every output file; return the summary ({} on the other processes)."""
         try:
             self.world.barrier()  # every process has checked the out-dir before the first writes to it
-            self.run_dir.open(resumed_at=self.resumed_at, quiet=self.quiet,
-                              metrics_csv=self.config.metrics_csv_enabled)
+            self.run_dir.open(self.config, self.tokenizer, resumed_at=self.resumed_at, quiet=self.quiet)
             self._log_start()
             self._hook("on_start")
             return self._finish(self._loop())
@@ -1270,9 +1305,6 @@ class Trainer:
 
     def _log_start(self) -> None:
         c, m, state = self.config, self.model.config, self.state
-        if self.run_dir.writes:
-            c.to_json(self.run_dir.path / "config.json")
-            self.tokenizer.save_state(self.run_dir.path / "tokenizer.json")
         logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
                     len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
         if self.resumed_at is not None:
@@ -1282,7 +1314,8 @@ class Trainer:
             logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
         logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size,
                     m.n_layer, m.n_head, m.n_embd, m.max_context, f"{self.model.num_parameters():,}")
-        logger.info("device %s, dtype %s (%s)", self.device, str(self.dtype)[6:], self.dtype_reason)
+        logger.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."),
+                    self.dtype_reason)
         per_process = f" per process x {self.world.size} processes = {c.batch_size * self.world.size}"
         logger.info("batch %d%s, %d steps per epoch, at most %d steps%s", c.batch_size,
                     per_process if self.world.size > 1 else "", self.steps_per_epoch, self.total_steps,
@@ -1290,7 +1323,9 @@ class Trainer:
 
     def _loop(self) -> str:
         """Train until epochs, max_steps, the time budget, early stopping or a stop request ends it."""
-        self.clock, self.first_step = RunClock(self.state), self.state.step + 1
+        c = self.config
+        final_tokens = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
+        self.clock, self.first_step = RunClock(c.time_budget, final_tokens, self.state), self.state.step + 1
         reason = "error"
         try:
             reason = self._run_epochs()
@@ -1324,9 +1359,7 @@ class Trainer:
         c, step = self.config, self.state.step
         if step == self.first_step:  # it compiles and warms up: report it, and keep it out of tokens/s
             self.state.recent_losses[-1].item()  # wait for the device
-            seconds = self.clock.train_seconds() - self.clock.window[0]
-            self.clock.rate(self.state.tokens_seen, discard=True)
-            logger.info("first step took %.1f s (%s)", seconds,
+            logger.info("first step took %.1f s (%s)", self.clock.discard(self.state.tokens_seen),
                         "warm-up" if self.train_model is self.eager_model else "compilation and warm-up")
         if step % c.val_frequency == 0:
             self._validate()
@@ -1340,9 +1373,8 @@ class Trainer:
         """Why to stop now, if at all. All processes agree on the latest reason in STOP_REASONS that any
         of them has, since one that stopped alone would leave the others waiting for it forever."""
         c, state = self.config, self.state
-        elapsed = self.clock.elapsed() + self._final_work_seconds() if c.time_budget is not None else 0.0
         reasons = {"max_steps": c.max_steps is not None and state.step >= c.max_steps,
-                   "time_budget": c.time_budget is not None and elapsed >= c.time_budget,
+                   "time_budget": self._budget_spent() >= 1,
                    "early_stopping": (c.early_stopping_patience is not None
                                       and state.bad_validations >= c.early_stopping_patience),
                    "interrupted": self.stop_requested}
@@ -1350,33 +1382,15 @@ class Trainer:
         code = self.world.max(local)
         return self.STOP_REASONS[code - 1] if code else None
 
-    def _final_work_seconds(self) -> float:
-        """An estimate of the work after the last step (validation, sample, checkpoint), so that a time
-        budget covers the whole run. A forward pass costs about a third of a training step per token;
-        counting two thirds leaves a margin."""
-        c, tokens_seen = self.config, self.state.tokens_seen
-        if not tokens_seen:
-            return 0.0
-        train_seconds = max(self.clock.train_seconds(), 1e-9)
-        forward_tokens_per_second = 1.5 * tokens_seen / self.world.size / train_seconds
-        forward_tokens = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
-        return forward_tokens / forward_tokens_per_second + self.clock.save_seconds
-
-    def _check_losses(self) -> None:
-        """Stop at a NaN or infinite loss, naming its step, before anything more is saved."""
-        losses = torch.stack(self.state.recent_losses) if self.state.recent_losses else torch.zeros(0)
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            raise TinyLLMError(f"training loss became {losses[bad[0]].item()} at step "
-                               f"{self.state.step - len(losses) + 1 + int(bad[0])}; lower --learning-rate or "
-                               "set grad_clip (best.pt and last.pt keep the last good state)")
+    def _budget_spent(self) -> float:
+        return self.clock.budget_spent(self.state.tokens_seen // self.world.size)
 
     def _validate(self) -> None:
         """Validate, log a metrics row, keep and save the best model; stop on a NaN loss."""
         state = self.state
-        self._check_losses()
+        state.check_losses()
         losses = state.recent_losses
-        train_loss = self.mean_over_processes(sum(losses, torch.zeros((), device=self.device)), len(losses))
+        train_loss = self.world.mean(sum(losses, torch.zeros((), device=self.device)), len(losses))
         tokens_per_second = self.clock.rate(state.tokens_seen)
         with self.clock.untimed_block():
             state.last_val_loss, state.last_val_step = self.evaluate(), state.step
@@ -1419,18 +1433,14 @@ class Trainer:
         if not self.run_dir.writes:
             return
         started, state = time.perf_counter(), self.state
-        state.elapsed_seconds, state.untimed_seconds = self.clock.elapsed(), self.clock.untimed
-        state.scaler = self.scaler.state_dict()
-        state.rng = {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         save_checkpoint(self.run_dir.path / name, self.model, self.optimizer, self.config, self.tokenizer,
                         step=state.step, epoch=state.epoch, best_val_loss=state.best_val_loss,
-                        training_state=state.to_dict())
+                        training_state=state.snapshot(self.clock, self.scaler))
         self.clock.save_seconds = time.perf_counter() - started
 
     def save_last(self) -> None:
         """Write last.pt (kept out of tokens/s), once the losses since the last one are checked."""
-        self._check_losses()
+        self.state.check_losses()
         with self.clock.untimed_block():
             self._save("last.pt")
 
@@ -1452,7 +1462,8 @@ class Trainer:
                    "tokens_per_second": round(tokens_per_second, 1),
                    "elapsed_seconds": round(self.clock.elapsed(), 3),
                    "parameters": self.model.num_parameters(), "device": str(self.device),
-                   "dtype": str(self.dtype)[6:], "stopped_because": stopped_because, "sample": sample}
+                   "dtype": str(self.dtype).removeprefix("torch."), "stopped_because": stopped_because,
+                   "sample": sample}
         notes = self._hook("on_end", summary)
         self.run_dir.write("summary.json", json.dumps(summary, indent=2))
         logger.info("stopped after %d steps (%s) in %.1f s; best val loss %.4f, full val loss %.4f "

@@ -55,9 +55,10 @@ class DistributedWorld(tinyllm.World):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
+    def mean(self, total: torch.Tensor, count: int) -> float:
+        sums = torch.stack([total.detach().float(), torch.tensor(float(count), device=total.device)])
+        dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
 
     def max(self, value: int) -> int:
         tensor = torch.tensor(value, device=self.device)

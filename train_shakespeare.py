@@ -47,15 +47,22 @@ def load_installed_plugins() -> None:
     groups = {"tinyllm.tokenizers": tinyllm.TOKENIZERS, "tinyllm.model_sizes": tinyllm.MODEL_SIZES}
     for group, registry in groups.items():
         for plugin in metadata.entry_points(group=group):
-            problem = "that name is already taken" if plugin.name in registry else None
-            try:
-                if not problem:
-                    registry.register(plugin.name, plugin.load())
-            except Exception as e:
-                problem = f"{type(e).__name__}: {e}"
+            problem = register_plugin(registry, plugin)
             if problem:
                 warnings.warn(f"tinyllm: {registry.kind} plugin {plugin.name!r} ({plugin.value}) is ignored: "
                               f"{problem}")
+
+
+def register_plugin(registry: tinyllm.Registry, plugin: metadata.EntryPoint) -> Optional[str]:
+    """Register one entry point (again is fine); say what is wrong with it instead, if anything."""
+    try:  # a broken plug-in must not break unrelated commands
+        entry = plugin.load()
+        if registry.entries.get(plugin.name, entry) is not entry:
+            return "that name is already taken"
+        registry.register(plugin.name, entry)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
