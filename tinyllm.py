@@ -976,7 +976,8 @@ class RunState:
         self.scaler = scaler.state_dict()
         self.rng = {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return {**vars(self), "recent_losses": torch.tensor([float(loss) for loss in self.recent_losses])}
+        losses = torch.stack(self.recent_losses).cpu() if self.recent_losses else torch.zeros(0)
+        return {**vars(self), "recent_losses": losses}
 
     def restore_rng(self) -> None:
         torch.set_rng_state(self.rng["torch"])
