@@ -395,6 +395,15 @@ def test_top_k_and_top_p_sample_only_from_the_allowed_tokens():
     assert draw() == {0, 1, 2, 3}
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -9.0, -6.0]])
+    for temperature in (1e-40, 1e-300, 5e-324):
+        assert tinyllm.sample_next(logits, temperature=temperature).flatten().tolist() == [1, 0]
+    tokenizer = CharacterTokenizer().fit(prepare_text(PLAY))
+    text = tinyllm.sample_text(tiny_model(tokenizer.vocab_size), tokenizer, "romeo", 30, temperature=1e-40)
+    assert len(text) == len("romeo") + 30
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(temperature=0), "temperature must be positive"), (dict(temperature=-1.0), "temperature must"),
     (dict(top_k=0), "top_k must be positive"), (dict(top_p=0.0), "top_p must be in"),

@@ -710,7 +710,10 @@ class TransformerModel(nn.Module):
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw one token per row of `logits` (B, vocab) after temperature, top-k and top-p filtering."""
-    logits = logits.float() / temperature
+    # With the best logit shifted to 0, a tiny temperature (floored at float32's smallest normal
+    # number) gives finite logits that sample greedily, instead of inf - inf = nan.
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:  # keep the k most likely tokens (top_k=1 is greedy decoding)
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
