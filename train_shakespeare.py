@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -172,12 +173,15 @@ def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, 
     """The prompt (as the model sees it) and an iterator over the text generated after it."""
     if args.num_chars <= 0:
         raise tinyllm.TinyLLMError(f"--num-chars must be positive, got {args.num_chars}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:  # the range training accepts
+        raise tinyllm.TinyLLMError(f"--seed must be in [0, 2**32), got {args.seed}")
+    options.setdefault("stop", args.stop)
     config = checkpoint.config
     prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
     temperature = args.temperature if args.temperature is not None else config.temperature
     pieces = tinyllm_inference.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt,
                                            args.num_chars, temperature=temperature, top_k=args.top_k,
-                                           top_p=args.top_p, stop=args.stop, **prep, **options)
+                                           top_p=args.top_p, **prep, **options)
     return tinyllm.prepare_text(args.prompt, **prep), pieces
 
 
@@ -192,17 +196,17 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def benchmark_generation(args: argparse.Namespace) -> None:
-    """Tokens/s generating --num-chars tokens with and without the KV cache (median of 3)."""
+    """Tokens/s generating --num-chars tokens with and without the KV cache (median of 3); stop
+    strings play no part, so every run generates them all."""
     checkpoint = load_for_inference(args)
     rates = {}
     for use_cache in (True, False):
         runs = []
         for seed in range(3):
-            _, pieces = generation_stream(args, checkpoint, seed=seed, use_cache=use_cache)
+            _, pieces = generation_stream(args, checkpoint, seed=seed, use_cache=use_cache, stop=())
             start = time.perf_counter()
-            text = "".join(pieces)
-            seconds = time.perf_counter() - start
-            runs.append(len(checkpoint.tokenizer.encode(text)) / seconds)
+            "".join(pieces)
+            runs.append(args.num_chars / max(time.perf_counter() - start, 1e-9))
         rates[use_cache] = sorted(runs)[1]
     int8 = ", int8" if checkpoint.model.quantization else ""
     print(f"{checkpoint.model.num_parameters():,} parameters{int8}, "
@@ -231,6 +235,8 @@ def quantize(args: argparse.Namespace) -> None:
     float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.model.state_dict().values())
     tinyllm_inference.quantize_int8(checkpoint.model)
     target = source.with_suffix(".int8.pt")
+    if target.exists() and not args.overwrite:
+        raise tinyllm.TinyLLMError(f"{target} already exists; pass --overwrite to replace it")
     tinyllm.save_checkpoint(target, checkpoint.model, None, checkpoint.config, checkpoint.tokenizer,
                             step=checkpoint.step, epoch=checkpoint.epoch,
                             best_val_loss=checkpoint.best_val_loss)
@@ -269,13 +275,29 @@ def benchmark(args: argparse.Namespace) -> None:
           f"of {meter.peak_flops / 1e12:.2f} TFLOP/s")
 
 
+def check_resume_settings(args: argparse.Namespace) -> None:
+    """--resume runs with the saved run's settings, so re-running the same command works; a flag or
+    --config field that differs from the saved setting is refused, naming both values."""
+    last = Path(args.out_dir or "out") / "last.pt"
+    given = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
+             if getattr(args, flag) is not None and flag not in ("out_dir", "device", "compile")}
+    if args.config:
+        build_config(args)  # a bad file gets its usual one-line error
+        given = {**tinyllm.read_json(args.config, "config"), **given}
+    if not given or not last.is_file():  # nothing to compare, or nothing to resume (the trainer says so)
+        return
+    saved = tinyllm.load_checkpoint(last).config
+    names = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
+    changed = [f"{names.get(field, field)} {value} (saved: {getattr(saved, field)})"
+               for field, value in given.items() if getattr(saved, field) != value]
+    if changed:
+        raise tinyllm.TinyLLMError(f"--resume continues a run with the settings it started with, and these "
+                                   f"differ: {', '.join(changed)}; drop them, or start a new run")
+
+
 def train(args: argparse.Namespace) -> None:
     if args.resume:  # the run's own settings, except where and how to run it
-        changed = [f"--{flag.replace('_', '-')}" for flag in [*CONFIG_FLAGS, "config"]
-                   if flag not in ("out_dir", "device", "compile") and getattr(args, flag) is not None]
-        if changed:
-            raise tinyllm.TinyLLMError(f"--resume continues a run with the settings it started with; "
-                                       f"drop {', '.join(changed)}")
+        check_resume_settings(args)
         config = tinyllm.TrainingConfig(out_dir=args.out_dir or "out", device=args.device or "auto",
                                         compile=args.compile)
     else:
@@ -329,6 +351,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-written is kept
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush cannot fail
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a full disk or a vanished directory: still one line, not a traceback
         if not quiet_process:
             print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
