@@ -586,10 +586,24 @@ def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):
         tinyllm.load_checkpoint(tmp_path / "missing.pt")
 
 
+class StopAt(tinyllm.Callback):
+    """Asks the trainer to stop after `step` (0: before the first step), as a signal handler would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_start(self, trainer):
+        if self.step == 0:
+            trainer.request_stop()
+
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
+            trainer.request_stop()
+
+
 def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
-    config = tiny_config(tmp_path, max_steps=30, checkpoint_frequency=10, time_budget=100.0)
-    first = tinyllm.Trainer(config, PLAY, quiet=True)
-    first.train()
+    config = tiny_config(tmp_path, max_steps=60, checkpoint_frequency=10, time_budget=100.0)
+    assert tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[StopAt(30)]).train()["steps"] == 30
     resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False), PLAY,
                               resume=True)
     assert resumed.state.step == 30 and resumed.config.time_budget == 100.0
@@ -744,16 +758,45 @@ def test_callbacks_see_each_moment_and_may_stop_the_run_and_add_notes(tmp_path):
     assert "tokens/s, noted by the recorder" in log and "the recorder's last word" in log
 
 
-def test_a_run_with_no_time_for_one_step_ends_cleanly_and_can_be_resumed(tmp_path):
+def test_a_run_with_no_time_for_one_step_ends_cleanly_and_is_finished(tmp_path):
     config = tiny_config(tmp_path, time_budget=1e-6)
     summary = tinyllm.Trainer(config, PLAY, quiet=True).train()
     assert (summary["steps"], summary["stopped_because"]) == (0, "time_budget")
     assert math.isfinite(summary["full_val_loss"])
     assert tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 0
     where = TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
-    resumed = tinyllm.Trainer(where, PLAY, quiet=True, resume=True)
-    assert resumed.train()["steps"] == 0
+    with pytest.raises(TinyLLMError, match=r"finished at step 0 \(time_budget\); to train on, start a new "
+                                           r"run with --init-from .*best.pt"):
+        tinyllm.Trainer(where, PLAY, quiet=True, resume=True)
+
+
+def test_a_run_stopped_before_its_first_step_resumes_and_keeps_its_files(tmp_path):
+    config = tiny_config(tmp_path, max_steps=5)
+    assert tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[StopAt(0)]).train()["steps"] == 0
+    where = TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
+    assert tinyllm.Trainer(where, PLAY, quiet=True, resume=True).train()["steps"] == 5
     assert (tmp_path / "out" / "samples.txt").read_text().count("=== the end") == 2  # nothing was cleared
+
+
+def test_one_run_at_a_time_in_an_out_dir_and_no_temporary_file_left_behind(tmp_path):
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".last.pt.x1y2z3.tmp"  # what kill -9 leaves in the middle of a write
+    stale.write_bytes(b"half a checkpoint")
+    refusals = []
+
+    class SecondRun(tinyllm.Callback):
+        def on_step_end(self, trainer):
+            if trainer.state.step == 3:
+                with pytest.raises(TinyLLMError) as refusal:
+                    tinyllm.Trainer(tiny_config(tmp_path), PLAY, quiet=True, overwrite=True).train()
+                refusals.append(str(refusal.value))
+    summary = tinyllm.Trainer(tiny_config(tmp_path, max_steps=6), PLAY, quiet=True,
+                              callbacks=[SecondRun()]).train()
+    assert summary["steps"] == 6 and tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 6
+    assert refusals == [f"{tmp_path / 'out'} is in use by another training run (process {os.getpid()}); "
+                        "wait for it to end, or choose another --out-dir"]
+    assert not stale.exists()
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True, overwrite=True).train()  # released
 
 
 CORE_ALONE = """

@@ -29,7 +29,7 @@ import tinyllm_bpe
 import tinyllm_hooks
 import tinyllm_inference
 import train_shakespeare
-from test_tinyllm import FAST, PLAY, ROOT, tiny_config, tiny_model
+from test_tinyllm import FAST, PLAY, ROOT, StopAt, tiny_config, tiny_model
 from tinyllm import CharacterTokenizer, TinyLLMError, TrainingConfig, prepare_text
 
 SCRIPT = ROOT / "train_shakespeare.py"
@@ -470,14 +470,19 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 1.0}')
     run = ["--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
-           "--max-context", 32, "--max-steps", 20, "--seed", 7, "--config", tmp_path / "c.json", "--quiet"]
-    assert cli(*run).returncode == 0
+           "--max-context", 32, "--max-steps", 2000, "--seed", 7, "--config", tmp_path / "c.json", "--quiet",
+           "--checkpoint-frequency", 20]
+    process = start_cli(*cli_args(run))
+    wait_for(lambda: (tmp_path / "out" / "last.pt").exists())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
     again = cli(*run, "--resume")  # the same command, resumed
     assert again.returncode == 0, again.stderr
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 0.5}')
-    changed = cli(*[30 if part == 20 else part for part in run], "--resume")
+    changed = cli(*[3000 if part == 2000 else part for part in run], "--resume")
     assert changed.returncode == 2 and len(changed.stderr.splitlines()) == 1
-    assert "--max-steps 30 (saved: 20)" in changed.stderr and "grad_clip 0.5 (saved: 1.0)" in changed.stderr
+    assert "--max-steps 3000 (saved: 2000)" in changed.stderr
+    assert "grad_clip 0.5 (saved: 1.0)" in changed.stderr
     assert "--seed" not in changed.stderr and "val_frequency" not in changed.stderr
 
 
@@ -521,14 +526,14 @@ def test_cli_benchmark_prints_throughput(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["play.txt"]  # nothing written where it ran
 
 
-def test_cli_with_no_time_for_one_step_ends_cleanly_and_the_run_resumes(tmp_path, cli):
+def test_cli_with_no_time_for_one_step_ends_cleanly_and_the_run_is_finished(tmp_path, cli):
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     args = ["--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--quiet"]
     result = cli(*args, "--size", "tiny", "--max-context", 32, "--time-budget", 0.000001)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 0
     resumed = cli(*args, "--resume")
-    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+    assert resumed.returncode == 2 and "finished at step 0 (time_budget)" in resumed.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +689,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_changes_nothing(earlier_run, train
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
-    tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, quiet=True).train()
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, quiet=True, callbacks=[StopAt(5)]).train()
     before = snapshot(tmp_path / "out")
     (tmp_path / "play.txt").write_text(PLAY)
 

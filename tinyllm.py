@@ -31,6 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+try:
+    import fcntl  # the out-dir lock; Windows has none, and runs there without it
+except ImportError:
+    fcntl = None
+
 __all__ = [  # the last seven live in plug-in modules and are imported from there on first use
     "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "QUANTIZATIONS", "atomic_write", "Tokenizer",
     "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text", "load_text",
@@ -922,6 +927,10 @@ def starting_point(config: TrainingConfig, saved: Optional[Checkpoint], model: O
     (its tokenizer and preprocessing, with a fresh optimizer and schedule); or those given. A
     model given or loaded sets the config's model shape."""
     if saved:
+        stopped = (saved.training_state or {}).get("stopped_because")
+        if stopped not in (None, "interrupted"):
+            raise TinyLLMError(f"the run in {config.out_dir} finished at step {saved.step} ({stopped}); "
+                               f"to train on, start a new run with --init-from {config.out_dir}/best.pt")
         config = dataclasses.replace(saved.config, out_dir=config.out_dir, device=config.device,
                                      compile=config.compile)
         return config, saved.model, saved.tokenizer
@@ -962,6 +971,7 @@ class RunState:
     scaler: dict = field(default_factory=dict)
     data_sha256: str = ""
     rng: dict = field(default_factory=dict)  # torch's random generators (dropout, samples)
+    stopped_because: Optional[str] = None  # set when the run has finished
 
     def check_losses(self) -> None:
         """Stop at a NaN or infinite loss since the last validation, naming its step, before it is saved."""
@@ -1060,6 +1070,7 @@ class RunDirectory:
         self.console = logging.StreamHandler(sys.stdout)  # a progress bar plug-in may redirect it
         self.handlers: List[logging.Handler] = []
         self.metrics: Optional[MetricsLogger] = None
+        self.lock: Optional[typing.IO] = None  # held while the run trains
 
     def check(self, *, overwrite: bool, resume: bool) -> None:
         """Refuse to clobber an earlier run unless asked (its files go only when training starts)."""
@@ -1088,6 +1099,10 @@ class RunDirectory:
         self.console.setLevel(logging.WARNING if quiet else logging.INFO)
         self.handlers = [self.console if self.main else logging.NullHandler()]  # other processes: silent
         if self.writes:
+            self._lock()
+            for tmp in self.path.glob(".*.tmp"):  # left by a process killed while writing
+                if any(tmp.name.startswith(f".{name}.") for name in self.FILES):
+                    tmp.unlink()
             if resumed_at is not None:
                 drop_metrics_after(self.path / "metrics.csv", resumed_at)
             for name in () if resumed_at is not None else self.FILES:
@@ -1101,6 +1116,25 @@ class RunDirectory:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
+    def _lock(self) -> None:
+        """One run per out-dir: an OS lock that the kernel releases when the process ends, even by
+        kill -9, so a second run is refused before it touches a file instead of mixing its files in."""
+        if fcntl is None:
+            return
+        self.lock = open(self.path / ".tinyllm.lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "unknown"
+            self.lock.close()
+            self.lock = None
+            raise TinyLLMError(f"{self.path} is in use by another training run (process {holder}); wait for "
+                               "it to end, or choose another --out-dir") from None
+        self.lock.truncate(0)
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+
     def write(self, name: str, text: str, *, append: bool = False) -> None:
         if not self.writes:
             return
@@ -1109,6 +1143,8 @@ class RunDirectory:
             f.write(text)
 
     def close(self) -> None:
+        if self.lock:
+            self.lock.close()  # which releases the lock
         if self.metrics:
             self.metrics.close()
         for handler in self.handlers:
@@ -1451,6 +1487,7 @@ class Trainer:
     def _finish(self, stopped_because: str) -> dict:
         """Write last.pt, score the best model on the whole validation split, sample, summarise."""
         state, train_seconds = self.state, self.clock.train_seconds()
+        state.stopped_because = stopped_because
         self.save_last()
         if not self.run_dir.main:
             return {}
