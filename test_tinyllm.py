@@ -828,3 +828,23 @@ def test_the_core_alone_in_an_empty_folder_trains_and_samples(tmp_path):
                                                           "tinyllm.py"]
     run_files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"best.pt", "last.pt", "metrics.csv", "summary.json"} <= run_files
+
+
+def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
+    if Path("/dev/zero").exists():  # read to the end, it would fill the memory
+        with pytest.raises(TinyLLMError, match="data path /dev/zero is not a regular file"):
+            tinyllm.load_text("/dev/zero")
+    config = tiny_config(tmp_path, max_steps=3, checkpoint_frequency=1)
+    tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[StopAt(2)]).train()
+    saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    saved["model"]["lm_head.weight"][0, 0] = math.nan
+    torch.save(saved, tmp_path / "nan.pt")
+    with pytest.raises(TinyLLMError, match="nan.pt holds NaN or infinite weights"):
+        tinyllm.load_checkpoint(tmp_path / "nan.pt")
+    saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    saved["training_state"]["step"] = "two"
+    torch.save(saved, tmp_path / "out" / "last.pt")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
+    with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*whole numbers"):
+        tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, device="cpu"), PLAY, resume=True)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()) == before

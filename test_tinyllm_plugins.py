@@ -784,3 +784,16 @@ def test_a_failing_process_ends_the_whole_job_with_the_error_printed_once(tmp_pa
     result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "huge")
     assert result.returncode != 0 and time.monotonic() - started < 120
     assert result.stderr.count("unknown model size 'huge'") == 1
+
+
+def test_a_crafted_bpe_file_cannot_demand_a_huge_token_and_unencodable_text_is_one_line(tmp_path):
+    doubling = [[65, 65]] + [[256 + i, 256 + i] for i in range(60)]  # token 316 would be 2**61 bytes
+    (tmp_path / "t.json").write_text(json.dumps({"type": "bpe", "version": 1, "merges": doubling}))
+    with pytest.raises(TinyLLMError, match="malformed .*makes a token of 131072 bytes"):
+        tinyllm.load_tokenizer(tmp_path / "t.json")
+    tokenizer = tinyllm_bpe.BytePairTokenizer().fit("plain text " * 20, vocab_size=260)
+    with pytest.raises(TinyLLMError, match="cannot be encoded as UTF-8: '\\\\ud800'"):
+        tokenizer.encode("a lone \ud800 surrogate")
+    model = tiny_model(tokenizer.vocab_size)
+    with pytest.raises(TinyLLMError, match="the prompt has characters that cannot be encoded as UTF-8"):
+        tinyllm.sample_text(model, tokenizer, "\ud800", 5)

@@ -414,6 +414,8 @@ def load_text(path: PathLike) -> str:
     path = Path(path)
     if path.is_dir():
         raise TinyLLMError(f"data path {path} is a directory; pass a UTF-8 text file")
+    if path.exists() and not path.is_file():  # a device such as /dev/zero would be read forever
+        raise TinyLLMError(f"data path {path} is not a regular file; pass a UTF-8 text file")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -909,6 +911,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise TinyLLMError(f"checkpoint {path} is inconsistent ({str(e).splitlines()[0][:200]})") from None
+    weights = [weight for weight in model.state_dict().values() if weight.is_floating_point()]
+    if not all(torch.isfinite(weight).all() for weight in weights):
+        raise TinyLLMError(f"checkpoint {path} holds NaN or infinite weights; use an earlier checkpoint")
     if tokenizer.vocab_size != model.config.vocab_size:
         raise TinyLLMError(f"checkpoint {path}: tokenizer has {tokenizer.vocab_size} tokens, "
                            f"model expects {model.config.vocab_size}")
@@ -1002,6 +1007,10 @@ class RunState:
         """The state in `saved` (an earlier version kept step, epoch and best_val_loss outside it)."""
         fields = {"step": saved.step, "epoch": saved.epoch, "best_val_loss": saved.best_val_loss,
                   **saved.training_state}
+        counts = [fields[name] for name in ("step", "epoch", "batch_in_epoch", "tokens_seen",
+                                            "bad_validations")]
+        if not all(type(count) is int and count >= 0 for count in counts):
+            raise TypeError(f"step, epoch and the other counts must be whole numbers, got {counts}")
         return cls(**{**fields, "recent_losses": list(fields["recent_losses"].to(device))})
 
 

@@ -37,6 +37,7 @@ class BytePairTokenizer(tinyllm.Tokenizer):
     type_name = "bpe"
     learns_vocabulary = True
     default_vocab_size = 256 + 512
+    MAX_TOKEN_BYTES = 1 << 16  # real merges make tokens of a few dozen bytes; a crafted file, of 2**N
     PIECES = re.compile(r" ?[^\W\d]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")  # covers every character
 
     def __init__(self, merges: Sequence[Sequence[int]] = ()):
@@ -78,9 +79,14 @@ class BytePairTokenizer(tinyllm.Tokenizer):
 
     def set_state(self, state: dict) -> None:
         merges = [tuple(pair) for pair in state["merges"]]
+        lengths = [1] * 256  # bytes per token, checked before any token is built
         for rank, pair in enumerate(merges):
             if len(pair) != 2 or not all(type(i) is int and 0 <= i < 256 + rank for i in pair):
                 raise ValueError(f"merge {rank} must be two ids of earlier tokens, got {list(pair)}")
+            lengths.append(lengths[pair[0]] + lengths[pair[1]])
+            if lengths[-1] > self.MAX_TOKEN_BYTES:
+                raise ValueError(f"merge {rank} makes a token of {lengths[-1]} bytes, more than "
+                                 f"{self.MAX_TOKEN_BYTES}")
         self.merges, self.ranks = merges, {pair: rank for rank, pair in enumerate(merges)}
         self.token_bytes = [bytes([i]) for i in range(256)]
         for a, b in merges:
@@ -95,7 +101,12 @@ class BytePairTokenizer(tinyllm.Tokenizer):
         ids: List[int] = []
         for piece in self.PIECES.findall(text):
             if piece not in self.cache:
-                self.cache[piece] = self._encode_piece(list(piece.encode("utf-8")))
+                try:
+                    self.cache[piece] = self._encode_piece(list(piece.encode("utf-8")))
+                except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a broken file name
+                    unencodable = e.object[e.start:e.end]
+                    raise tinyllm.TinyLLMError(f"characters that cannot be encoded as UTF-8: "
+                                               f"{unencodable!r}") from None
             ids.extend(self.cache[piece])
         return ids
 
