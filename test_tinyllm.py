@@ -848,3 +848,32 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
     with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*whole numbers"):
         tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, device="cpu"), PLAY, resume=True)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint(tmp_path, monkeypatch):
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, quiet=True).train()
+    earlier = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    failing = tinyllm.Trainer(tiny_config(tmp_path, max_steps=20), PLAY, quiet=True, overwrite=True)
+    real_step = failing.train_step
+    monkeypatch.setattr(failing, "train_step", lambda x, y, lr: real_step(x, y, lr) * (
+        math.nan if failing.state.step + 1 == 3 else 1.0))
+    with pytest.raises(TinyLLMError, match=r"nan at step 3; .*\(nothing from that step on was saved\)"):
+        failing.train()  # before its first checkpoint: the earlier run is put back
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == earlier
+    summary = tinyllm.Trainer(tiny_config(tmp_path, max_steps=12), PLAY, quiet=True, overwrite=True).train()
+    assert summary["steps"] == 12 and tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 12
+    assert not (tmp_path / "out" / ".replaced").exists()
+
+
+def test_an_earlier_run_set_aside_by_a_killed_overwrite_is_put_back_at_the_next_start(tmp_path):
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, quiet=True).train()
+    out = tmp_path / "out"
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / ".replaced").mkdir()  # what a replacing run killed before its first checkpoint leaves
+    for name in earlier:
+        (out / name).rename(out / ".replaced" / name)
+    (out / "config.json").write_text("{}")  # the replacing run's own start
+    with pytest.raises(TinyLLMError, match="already holds a training run"):
+        tinyllm.Trainer(tiny_config(tmp_path), PLAY, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    assert not (out / ".replaced").exists()

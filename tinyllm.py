@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -985,7 +986,7 @@ class RunState:
         if len(bad):
             raise TinyLLMError(f"training loss became {losses[bad[0]].item()} at step "
                                f"{self.step - len(losses) + 1 + int(bad[0])}; lower --learning-rate or set "
-                               "grad_clip (best.pt and last.pt keep the last good state)")
+                               "grad_clip (nothing from that step on was saved)")
 
     def snapshot(self, clock: RunClock, scaler: torch.amp.GradScaler) -> dict:
         """The state now, with the clock, the gradient scaler and torch's random generators: tensors and
@@ -1072,6 +1073,7 @@ class RunDirectory:
 
     FILES = ("best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log", "metrics.csv",
              "samples.txt", "summary.json", "loss.png")
+    SET_ASIDE = ".replaced"  # an earlier run's files, until the run replacing it has a checkpoint
 
     def __init__(self, path: Optional[PathLike], *, main: bool = True):
         self.path, self.main = Path(path) if path is not None else None, main
@@ -1080,6 +1082,8 @@ class RunDirectory:
         self.handlers: List[logging.Handler] = []
         self.metrics: Optional[MetricsLogger] = None
         self.lock: Optional[typing.IO] = None  # held while the run trains
+        self.lock_holder = ""  # the process id of another run holding it
+        self.replacing = False  # True while this run has an earlier run's files set aside
 
     def check(self, *, overwrite: bool, resume: bool) -> None:
         """Refuse to clobber an earlier run unless asked (its files go only when training starts)."""
@@ -1094,6 +1098,9 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TinyLLMError(f"cannot create output directory {self.path}: {e.strerror}") from None
+        if (self.path / self.SET_ASIDE).is_dir() and self._lock():  # set aside by a run killed since
+            self._put_back()
+            self._unlock()
         existing = [f for f in self.FILES if (self.path / f).exists()]
         if existing and not (overwrite or resume):
             raise TinyLLMError(f"{self.path} already holds a training run ({', '.join(existing)}); pass "
@@ -1103,19 +1110,24 @@ class RunDirectory:
 
     def open(self, config: TrainingConfig, tokenizer: Tokenizer, *, resumed_at: Optional[int],
              quiet: bool) -> None:
-        """Write config.json and tokenizer.json and start the logs and metrics.csv, after clearing an
-        overwritten run's files (or, resuming, the metrics rows logged after last.pt)."""
+        """Write config.json and tokenizer.json and start the logs and metrics.csv, after setting an
+        earlier run's files aside (or, resuming, dropping the metrics rows logged after last.pt)."""
         self.console.setLevel(logging.WARNING if quiet else logging.INFO)
         self.handlers = [self.console if self.main else logging.NullHandler()]  # other processes: silent
         if self.writes:
-            self._lock()
+            if not self._lock():
+                raise TinyLLMError(f"{self.path} is in use by another training run (process "
+                                   f"{self.lock_holder}); wait for it to end, or choose another --out-dir")
             for tmp in self.path.glob(".*.tmp"):  # left by a process killed while writing
                 if any(tmp.name.startswith(f".{name}.") for name in self.FILES):
                     tmp.unlink()
             if resumed_at is not None:
                 drop_metrics_after(self.path / "metrics.csv", resumed_at)
             for name in () if resumed_at is not None else self.FILES:
-                (self.path / name).unlink(missing_ok=True)
+                if (self.path / name).exists():
+                    (self.path / self.SET_ASIDE).mkdir(exist_ok=True)
+                    os.replace(self.path / name, self.path / self.SET_ASIDE / name)
+                    self.replacing = True
             self.handlers.append(logging.FileHandler(self.path / "tinyllm_training.log", encoding="utf-8"))
             self.handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             self.metrics = MetricsLogger(self.path / "metrics.csv") if config.metrics_csv_enabled else None
@@ -1125,24 +1137,42 @@ class RunDirectory:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
-    def _lock(self) -> None:
-        """One run per out-dir: an OS lock that the kernel releases when the process ends, even by
-        kill -9, so a second run is refused before it touches a file instead of mixing its files in."""
+    def _lock(self) -> bool:
+        """One run per out-dir: take an OS lock, which the kernel releases when the process ends (even
+        by kill -9), so a second run is refused before it touches a file. False if another run holds it."""
         if fcntl is None:
-            return
+            return True
         self.lock = open(self.path / ".tinyllm.lock", "a+", encoding="utf-8")
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock.seek(0)
-            holder = self.lock.read().strip() or "unknown"
-            self.lock.close()
-            self.lock = None
-            raise TinyLLMError(f"{self.path} is in use by another training run (process {holder}); wait for "
-                               "it to end, or choose another --out-dir") from None
+            self.lock_holder = self.lock.read().strip() or "unknown"
+            self._unlock()
+            return False
         self.lock.truncate(0)
         self.lock.write(str(os.getpid()))
         self.lock.flush()
+        return True
+
+    def _unlock(self) -> None:
+        if self.lock:
+            self.lock.close()  # which releases the lock
+        self.lock = None
+
+    def forget_earlier_run(self) -> None:
+        """This run has a checkpoint of its own: the earlier run it replaces can go."""
+        if self.replacing:
+            shutil.rmtree(self.path / self.SET_ASIDE)
+            self.replacing = False
+
+    def _put_back(self) -> None:
+        """Restore the earlier run set aside, replacing what a run that never saved a checkpoint wrote."""
+        for name in self.FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for saved in (self.path / self.SET_ASIDE).iterdir():
+            os.replace(saved, self.path / saved.name)
+        (self.path / self.SET_ASIDE).rmdir()
 
     def write(self, name: str, text: str, *, append: bool = False) -> None:
         if not self.writes:
@@ -1152,13 +1182,16 @@ class RunDirectory:
             f.write(text)
 
     def close(self) -> None:
-        if self.lock:
-            self.lock.close()  # which releases the lock
+        """Close the logs; put back an earlier run if this one ended before its first checkpoint."""
         if self.metrics:
             self.metrics.close()
         for handler in self.handlers:
             logger.removeHandler(handler)
             handler.close()
+        if self.replacing:
+            self._put_back()
+            self.replacing = False
+        self._unlock()
 
 
 class Callback:
@@ -1485,6 +1518,7 @@ class Trainer:
         save_checkpoint(self.run_dir.path / name, self.model, self.optimizer, self.config, self.tokenizer,
                         step=state.step, epoch=state.epoch, best_val_loss=state.best_val_loss,
                         training_state=state.snapshot(self.clock, self.scaler))
+        self.run_dir.forget_earlier_run()
         self.clock.save_seconds = time.perf_counter() - started
 
     def save_last(self) -> None:
