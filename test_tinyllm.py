@@ -842,6 +842,18 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
     with pytest.raises(TinyLLMError, match="nan.pt holds NaN or infinite weights"):
         tinyllm.load_checkpoint(tmp_path / "nan.pt")
     saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    saved["model"]["lm_head.weight"] = saved["model"]["lm_head.weight"].double()
+    torch.save(saved, tmp_path / "double.pt")
+    with pytest.raises(TinyLLMError, match="double.pt is inconsistent .*lm_head.weight is torch.float64"):
+        tinyllm.load_checkpoint(tmp_path / "double.pt")
+    saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    saved["training_state"]["epoch_rng_state"] = "not a generator state"
+    torch.save(saved, tmp_path / "rng.pt")
+    (tmp_path / "rng").mkdir()
+    (tmp_path / "rng" / "last.pt").write_bytes((tmp_path / "rng.pt").read_bytes())
+    with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*random generator states"):
+        tinyllm.Trainer(TrainingConfig(out_dir=str(tmp_path / "rng"), device="cpu"), PLAY, resume=True)
+    saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
     saved["training_state"]["step"] = "two"
     torch.save(saved, tmp_path / "out" / "last.pt")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())

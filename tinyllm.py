@@ -909,6 +909,11 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         model = TransformerModel(ModelConfig(**state["model_args"]))
         if state.get("quantization"):
             QUANTIZATIONS[state["quantization"]](model)
+        expected = model.state_dict()
+        wrong = [f"{name} is {weight.dtype}" for name, weight in state["model"].items()
+                 if name in expected and weight.dtype != expected[name].dtype]
+        if wrong:  # load_state_dict would cast them silently
+            raise TypeError(f"weights of the wrong type: {', '.join(wrong[:3])}")
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise TinyLLMError(f"checkpoint {path} is inconsistent ({str(e).splitlines()[0][:200]})") from None
@@ -1012,6 +1017,13 @@ class RunState:
                                             "bad_validations")]
         if not all(type(count) is int and count >= 0 for count in counts):
             raise TypeError(f"step, epoch and the other counts must be whole numbers, got {counts}")
+        times = [fields[name] for name in ("best_val_loss", "last_val_loss", "elapsed_seconds",
+                                           "untimed_seconds")]
+        generators = [fields["epoch_rng_state"], fields["rng"]["torch"]]
+        if not all(type(value) in (int, float) for value in times) or not all(
+                generator is None or isinstance(generator, torch.Tensor) and generator.dtype == torch.uint8
+                for generator in generators):
+            raise TypeError("its losses, times or random generator states are not of their types")
         return cls(**{**fields, "recent_losses": list(fields["recent_losses"].to(device))})
 
 

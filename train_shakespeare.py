@@ -147,6 +147,8 @@ def download(url: str, path: Path, sha256: str, timeout: float = 30.0) -> Path:
 
 def shakespeare_text(path: Path) -> str:
     """The default data: use the local copy, or download and verify it once."""
+    for partial in path.parent.glob(f".{path.name}.*.tmp"):  # a download killed midway
+        partial.unlink()
     if not path.exists():
         print(f"downloading Tiny Shakespeare to {path} ...", file=sys.stderr)
         download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
