@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -889,3 +890,12 @@ def test_an_earlier_run_set_aside_by_a_killed_overwrite_is_put_back_at_the_next_
         tinyllm.Trainer(tiny_config(tmp_path), PLAY, quiet=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
     assert not (out / ".replaced").exists()
+
+
+@pytest.mark.parametrize("fields", [dict(batch_size=1_000_000), dict(n_embd=100_000, n_head=4),
+                                    dict(val_batches=10**9)])
+def test_a_run_too_big_for_the_memory_is_refused_before_allocating_it(tmp_path, fields):
+    started = time.perf_counter()
+    with pytest.raises(TinyLLMError, match=r"this run needs at least [\d,.]+ GiB of memory .* more than the"):
+        tinyllm.Trainer(tiny_config(tmp_path, **fields), PLAY, quiet=True)
+    assert time.perf_counter() - started < 10

@@ -1259,6 +1259,30 @@ def resolve_dtype(name: str, device: torch.device) -> tuple:
                            if device.type == "cpu" else f"the safe choice on {device.type}")
 
 
+def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) -> None:
+    """Refuse, before allocating, a run that cannot fit: training keeps 4 floats per weight (the weight,
+    its gradient and AdamW's two moments), a step's activations for the backward pass (about 10 x
+    n_embd, the SwiGLU hidden layer and the attention scores per token and layer, and the logits),
+    and the fixed validation batches."""
+    c, hidden = config, 16 * round(8 * config.n_embd / 3 / 16)
+    weights = 2 * vocab_size * c.n_embd + c.n_layer * (4 * c.n_embd ** 2 + 3 * c.n_embd * hidden)
+    tokens = c.batch_size * c.max_context
+    per_token = c.n_layer * (10 * c.n_embd + 3 * hidden + c.n_head * c.max_context) + 3 * vocab_size
+    activations = tokens * per_token
+    needed = 4 * (4 * weights + activations) + 8 * c.val_batches * c.batch_size * (c.max_context + 1)
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[1]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:  # no way to ask
+        return
+    if needed > available:
+        raise TinyLLMError(f"this run needs at least {needed / 2**30:,.1f} GiB of memory ({weights:,} "
+                           f"weights, batches of {tokens:,} tokens), more than the {available / 2**30:,.1f} "
+                           f"GiB of {device}; choose a smaller --batch-size, --max-context, model or "
+                           "val_batches")
+
+
 class Trainer:
     """Owns one training run: data, model, optimizer, the loop, validation, samples and checkpoints.
 
@@ -1285,6 +1309,7 @@ class Trainer:
         self.dtype, self.dtype_reason = resolve_dtype(c.dtype, self.device)
         self.tokenizer, self.added_tokens, self.val_chars, train_ids, val_ids = prepare_data(
             c, text, val_text, tokenizer)
+        check_memory(c, self.tokenizer.vocab_size, self.device)
         self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
         self.val_batches = fixed_batches(self.val_ids, c.max_context, c.batch_size, c.val_batches, c.seed)
         batches = len(TokenWindows(train_ids, c.max_context)) // c.batch_size
