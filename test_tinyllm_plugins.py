@@ -800,3 +800,26 @@ def test_a_crafted_bpe_file_cannot_demand_a_huge_token_and_unencodable_text_is_o
     model = tiny_model(tokenizer.vocab_size)
     with pytest.raises(TinyLLMError, match="the prompt has characters that cannot be encoded as UTF-8"):
         tinyllm.sample_text(model, tokenizer, "\ud800", 5)
+
+
+def test_a_training_run_whose_console_goes_away_finishes_quietly(tmp_path):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    process = start_cli("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
+                        "--max-context", 32, "--max-steps", 30, "--val-frequency", 10, "--no-compile")
+    process.stdout.close()  # as `| head -c 0` does
+    try:
+        stderr = process.stderr.read()
+        process.wait(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode in (0, 128 + signal.SIGPIPE) and stderr == ""
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 30
+
+
+def test_torchrun_benchmark_without_a_batch_per_process_ends_with_one_line(tmp_path):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    started = time.monotonic()
+    result = torchrun("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32,
+                      "--batch-size", 64)
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    assert result.stderr.count("the text gives no batch of 64 x 32 tokens per process") == 1

@@ -1079,6 +1079,16 @@ class RunClock:
         return seconds
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The console log. If the console goes away (output piped to `head`), the run carries on without it."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ValueError)):  # ValueError: a closed stream
+            self.setLevel(logging.CRITICAL + 1)
+        else:
+            super().handleError(record)
+
+
 class RunDirectory:
     """The files of a run in `path`; nothing is written without a path (training in memory) or by a
     distributed run's other processes (`main=False`)."""
@@ -1090,7 +1100,7 @@ class RunDirectory:
     def __init__(self, path: Optional[PathLike], *, main: bool = True):
         self.path, self.main = Path(path) if path is not None else None, main
         self.writes = main and self.path is not None
-        self.console = logging.StreamHandler(sys.stdout)  # a progress bar plug-in may redirect it
+        self.console = ConsoleHandler(sys.stdout)  # a progress bar plug-in may redirect it
         self.handlers: List[logging.Handler] = []
         self.metrics: Optional[MetricsLogger] = None
         self.lock: Optional[typing.IO] = None  # held while the run trains

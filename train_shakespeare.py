@@ -255,6 +255,11 @@ def benchmark(args: argparse.Namespace) -> None:
     for callback in (compile_step, meter):
         callback.on_start(trainer)
     world = trainer.world
+    one_epoch = tinyllm.epoch_loader(trainer.train_ids, config.max_context, config.batch_size,
+                                     trainer.generator, world.rank, world.size)
+    if not len(one_epoch):  # the endless stream below would never yield
+        raise tinyllm.TinyLLMError(f"the text gives no batch of {config.batch_size} x {config.max_context} "
+                                   f"tokens per process; use more text or a smaller --batch-size")
     batches = (batch for _ in itertools.count() for batch in tinyllm.epoch_loader(
         trainer.train_ids, config.max_context, config.batch_size, trainer.generator, world.rank, world.size))
     for _ in range(5):  # warm-up (and compilation, with --compile)
