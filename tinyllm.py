@@ -1143,6 +1143,8 @@ class RunDirectory:
             for tmp in self.path.glob(".*.tmp"):  # left by a process killed while writing
                 if any(tmp.name.startswith(f".{name}.") for name in self.FILES):
                     tmp.unlink()
+            if (self.path / self.SET_ASIDE).is_dir():  # set aside by a run killed since
+                self._put_back()
             if resumed_at is not None:
                 drop_metrics_after(self.path / "metrics.csv", resumed_at)
             for name in () if resumed_at is not None else self.FILES:
