@@ -1358,15 +1358,15 @@ class Trainer:
         if saved.training_state.get("data_sha256") != self.state.data_sha256:
             raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained "
                                "on; pass the same --data to resume it")
+        if (self.run_dir.path / "best.pt").is_file():  # first: building its model draws random numbers
+            self.best_weights = load_checkpoint(self.run_dir.path / "best.pt", self.device).model.state_dict()
         try:
             self.state = RunState.from_checkpoint(saved, self.device)
             self.optimizer.load_state_dict(saved.optimizer_state)
             self.scaler.load_state_dict(self.state.scaler)
-            self.state.restore_rng()
+            self.state.restore_rng()  # last, so that nothing draws from them before training does
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise TinyLLMError(f"{path} cannot be resumed from ({str(e).splitlines()[0][:200]})") from None
-        if (self.run_dir.path / "best.pt").is_file():
-            self.best_weights = load_checkpoint(self.run_dir.path / "best.pt", self.device).model.state_dict()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW, fused into one kernel; weight decay only on matrices, since decaying gains hurts."""
