@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
@@ -1296,13 +1297,10 @@ def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) 
 
 
 class Trainer:
-    """Owns one training run: data, model, optimizer, the loop, validation, samples and checkpoints.
-
-    `Trainer(config, text).train()` returns the summary (also written as summary.json). A model, a
-    tokenizer and separate validation text may be handed in; plug-ins attach as `callbacks`, and a
+    """One training run: `Trainer(config, text).train()` returns the summary (also summary.json). A
+    model, a tokenizer and validation text may be handed in; plug-ins attach as `callbacks`, and a
     distributed run passes its `world`. With `resume`, the run in config.out_dir continues from its
-    last.pt with its own settings; only out_dir, device and compile come from `config`.
-    """
+    last.pt with its own settings; only out_dir, device and compile come from `config`."""
 
     STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
 
@@ -1319,6 +1317,9 @@ class Trainer:
         torch.manual_seed(c.seed)
         self.device = self.world.join(resolve_device(c.device))
         self.dtype, self.dtype_reason = resolve_dtype(c.dtype, self.device)
+        # autocast() is a new context each time: none for float32, else matrix products in self.dtype
+        self.autocast = (contextlib.nullcontext if self.dtype == torch.float32 else
+                         functools.partial(torch.autocast, self.device.type, dtype=self.dtype))
         self.tokenizer, self.added_tokens, self.val_chars, train_ids, val_ids = prepare_data(
             c, text, val_text, tokenizer)
         check_memory(c, self.tokenizer.vocab_size, self.device)
@@ -1376,18 +1377,14 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99),
                                  fused=self.device.type in ("cpu", "cuda"))
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def learning_rate(self) -> float:
         """Linear warmup, then cosine decay to a tenth, driven by steps or by the time budget spent."""
         c, step = self.config, self.state.step
         warmup = min(c.warmup_steps, self.total_steps // 5)
         if step < warmup:
             return c.learning_rate * (step + 1) / warmup
-        progress = max((step - warmup) / max(1, self.total_steps - warmup), self._budget_spent())
+        budget_spent = self.clock.budget_spent(self.state.tokens_seen // self.world.size)
+        progress = max((step - warmup) / max(1, self.total_steps - warmup), budget_spent)
         return c.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
@@ -1505,16 +1502,13 @@ class Trainer:
         of them has, since one that stopped alone would leave the others waiting for it forever."""
         c, state = self.config, self.state
         reasons = {"max_steps": c.max_steps is not None and state.step >= c.max_steps,
-                   "time_budget": self._budget_spent() >= 1,
+                   "time_budget": self.clock.budget_spent(state.tokens_seen // self.world.size) >= 1,
                    "early_stopping": (c.early_stopping_patience is not None
                                       and state.bad_validations >= c.early_stopping_patience),
                    "interrupted": self.stop_requested}
         local = max((i + 1 for i, name in enumerate(self.STOP_REASONS) if reasons[name]), default=0)
         code = self.world.max(local)
         return self.STOP_REASONS[code - 1] if code else None
-
-    def _budget_spent(self) -> float:
-        return self.clock.budget_spent(self.state.tokens_seen // self.world.size)
 
     def _validate(self) -> None:
         """Validate, log a metrics row, keep and save the best model; stop on a NaN loss."""
@@ -1539,13 +1533,11 @@ class Trainer:
             notes = self._hook("on_validation", row)
             logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f (%.3f bits/char), lr %.2e, "
                         "%.0f tokens/s%s", state.step, epoch, train_loss, state.last_val_loss,
-                        self.bits_per_char(state.last_val_loss), self.lr, tokens_per_second, notes)
+                        bits_per_char(state.last_val_loss, len(self.val_ids), self.val_chars), self.lr,
+                        tokens_per_second, notes)
             if self.run_dir.metrics:
                 self.run_dir.metrics.log(**row)
             state.recent_losses = []
-
-    def bits_per_char(self, loss: float) -> float:
-        return bits_per_char(loss, len(self.val_ids), self.val_chars)
 
     def _sample(self, label: str = "") -> str:
         c = self.config
@@ -1590,7 +1582,7 @@ class Trainer:
         tokens_per_second = state.tokens_seen / max(train_seconds, 1e-9)
         summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
                    "full_val_loss": full_val_loss,
-                   "full_val_bits_per_char": self.bits_per_char(full_val_loss),
+                   "full_val_bits_per_char": bits_per_char(full_val_loss, len(self.val_ids), self.val_chars),
                    "steps": state.step, "epochs_completed": state.epoch, "tokens_seen": state.tokens_seen,
                    "tokens_per_second": round(tokens_per_second, 1),
                    "elapsed_seconds": round(self.clock.elapsed(), 3),
