@@ -93,7 +93,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--device", choices=tinyllm.DEVICES)
     p.add_argument("--dtype", choices=list(tinyllm.DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bar; console shows warnings only")
-    p.add_argument("--overwrite", action="store_true", help="replace a training run already in --out-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a training run already in --out-dir (with --quantize: an int8 file)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its last.pt, with its own settings")
     p.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of "
