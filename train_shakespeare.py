@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from tqdm import tqdm
 
 import tinyllm
@@ -294,7 +295,10 @@ def check_resume_settings(args: argparse.Namespace) -> None:
         given = {**tinyllm.read_json(args.config, "config"), **given}
     if not given or not last.is_file():  # nothing to compare, or nothing to resume (the trainer says so)
         return
-    saved = tinyllm.load_checkpoint(last).config
+    try:  # only the config: memory-mapped, the weights are not read (the trainer loads them next)
+        saved = tinyllm.TrainingConfig.from_dict(torch.load(last, mmap=True, weights_only=True)["config"])
+    except Exception:  # a broken or hostile file: the trainer says what is wrong with it
+        return
     names = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
     changed = [f"{names.get(field, field)} {value} (saved: {getattr(saved, field)})"
                for field, value in given.items() if getattr(saved, field) != value]
