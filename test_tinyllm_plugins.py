@@ -760,9 +760,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert torch.allclose(two["grads"][name], grad, atol=1e-5), name
 
 
-def torchrun(*args):
+def torchrun(*args, script=SCRIPT):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(SCRIPT), *map(str, args), "--no-compile"]
+               str(script), *map(str, args), "--no-compile"]
     return subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -793,6 +793,35 @@ def test_a_failing_process_ends_the_whole_job_with_the_error_printed_once(tmp_pa
     result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "huge")
     assert result.returncode != 0 and time.monotonic() - started < 120
     assert result.stderr.count("unknown model size 'huge'") == 1
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # both, in torchrun's report
+
+
+FAILS_ON_ONE_RANK = """
+import os, sys
+sys.path.insert(0, {root!r})
+import tinyllm, train_shakespeare
+
+def fail(trainer):
+    raise tinyllm.TinyLLMError("only process {rank} met this")
+
+if os.environ["RANK"] == "{rank}":  # in the middle of training, while the other waits in a collective
+    tinyllm.Trainer._validate = fail
+sys.exit(train_shakespeare.main())
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_error_on_one_process_alone_is_printed_once_and_every_process_exits_with_code_2(tmp_path, rank):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    (tmp_path / "fails.py").write_text(FAILS_ON_ONE_RANK.format(root=str(ROOT), rank=rank))
+    started = time.monotonic()
+    result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
+                      "--max-context", 32, "--batch-size", 8, "--max-steps", 20, "--val-frequency", 5,
+                      "--quiet", script=tmp_path / "fails.py")
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    assert result.stderr.count(f"error: only process {rank} met this") == 1, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # torchrun's report
 
 
 def test_a_crafted_bpe_file_cannot_demand_a_huge_token_and_unencodable_text_is_one_line(tmp_path):

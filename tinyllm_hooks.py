@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import gc
 import math
 import os
@@ -20,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,8 @@ class DistributedWorld(tinyllm.World):
     def __init__(self) -> None:
         self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.device = torch.device("cpu")  # set by join
+        self.store: Optional[dist.Store] = None  # torchrun's key-value store, once joined
+        self.failures_key = f"tinyllm/failures/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
 
     def join(self, device: torch.device) -> torch.device:
         if device.type == "cuda":
@@ -48,6 +52,13 @@ class DistributedWorld(tinyllm.World):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        with contextlib.suppress(KeyError, ValueError, RuntimeError):  # no store: see first_to_fail
+            # torchrun's agent keeps this store, so it outlives any one failed process.
+            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=datetime.timedelta(seconds=10))
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._terminated)
         self.device = device
         return device
 
@@ -68,19 +79,48 @@ class DistributedWorld(tinyllm.World):
     def barrier(self) -> None:
         dist.barrier()
 
+    def first_to_fail(self) -> bool:
+        """Count this process's failure; True for the first process to fail, which prints the error
+        (once, whether every process met it or only this one). Before joining, process 0 prints."""
+        if self.store is None:
+            return self.rank == 0
+        with contextlib.suppress(RuntimeError):
+            return self.store.add(self.failures_key, 1) == 1
+        return self.rank == 0
+
+    def exit(self, code: int) -> NoReturn:
+        """End this process now with `code`. Once one process has failed, torchrun's agent soon sends
+        SIGTERM to the others, and a slower, orderly exit would end as death by that signal instead."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _terminated(self, signal_number: int, frame: Any) -> None:
+        """The agent's SIGTERM after another process failed: exit with that one's code, 2, not by the
+        signal. Any other SIGTERM still ends the process, with the usual code 143."""
+        if self.peer_failed():
+            self.exit(2)
+        raise SystemExit(128 + signal_number)
+
+    def peer_failed(self) -> bool:
+        """Whether another process has failed (said by first_to_fail), which breaks this one's
+        collective operations: it then exits with the same code, quietly, since the other said why."""
+        with contextlib.suppress(RuntimeError, AttributeError):
+            return self.store.check([self.failures_key])
+        return False
+
 
 def world_from_environment() -> tinyllm.World:
     """torchrun's world when torchrun started this process; otherwise the single process."""
     return DistributedWorld() if "RANK" in os.environ and "WORLD_SIZE" in os.environ else tinyllm.World()
 
 
-def leave_process_group(*, wait_for_others: bool) -> None:
-    """End a distributed run: DistributedDataParallel goes before the process group it uses, and,
-    after a success, no process closes its connections while another still uses them."""
+def leave_process_group() -> None:
+    """End a distributed run that succeeded: DistributedDataParallel goes before the process group it
+    uses, and no process closes its connections while another still uses them."""
     if dist.is_initialized():
         gc.collect()
-        if wait_for_others:
-            dist.barrier()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -248,15 +248,14 @@ def quantize(args: argparse.Namespace) -> None:
           f"{source.stat().st_size / 1e6:.2f} MB, of which {float_bytes / 1e6:.2f} MB float weights")
 
 
-def benchmark(args: argparse.Namespace) -> None:
+def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
     """Time training steps of the configured model on the real data; nothing is kept."""
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
     config = dataclasses.replace(build_config(args), out_dir=None)  # nothing is written
-    trainer = tinyllm.Trainer(config, text, quiet=True, world=tinyllm_hooks.world_from_environment())
+    trainer = tinyllm.Trainer(config, text, quiet=True, world=world)
     compile_step, meter = tinyllm_hooks.CompileWithFallback(), tinyllm_hooks.ModelFlopsUtilization()
     for callback in (compile_step, meter):
         callback.on_start(trainer)
-    world = trainer.world
     one_epoch = tinyllm.epoch_loader(trainer.train_ids, config.max_context, config.batch_size,
                                      trainer.generator, world.rank, world.size)
     if not len(one_epoch):  # the endless stream below would never yield
@@ -307,7 +306,7 @@ def check_resume_settings(args: argparse.Namespace) -> None:
                                    f"differ: {', '.join(changed)}; drop them, or start a new run")
 
 
-def train(args: argparse.Namespace) -> None:
+def train(args: argparse.Namespace, world: tinyllm.World) -> None:
     if args.resume:  # the run's own settings, except where and how to run it
         check_resume_settings(args)
         config = tinyllm.TrainingConfig(out_dir=args.out_dir or "out", device=args.device or "auto",
@@ -315,7 +314,6 @@ def train(args: argparse.Namespace) -> None:
     else:
         config = build_config(args)
     # Under torchrun, process 0 downloads the text while the others wait for it.
-    world = tinyllm_hooks.world_from_environment()
     world.join(tinyllm.resolve_device(config.device))
     if world.rank == 0 and not args.data:
         shakespeare_text(DEFAULT_DATA)
@@ -334,15 +332,18 @@ def train(args: argparse.Namespace) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     load_installed_plugins()  # before the flags, whose help lists the tokenizers and sizes
     args = parse_args(argv)
-    code = run(args)
-    tinyllm_hooks.leave_process_group(wait_for_others=code == 0)
+    world = tinyllm_hooks.world_from_environment()  # under torchrun, this process's place in the job
+    code = run(args, world)
+    if code and isinstance(world, tinyllm_hooks.DistributedWorld):
+        world.exit(code)  # at once: torchrun is about to stop the other processes
+    tinyllm_hooks.leave_process_group()
     return code
 
 
-def run(args: argparse.Namespace) -> int:
-    """Do what the flags ask; a user mistake becomes one line on stderr (from one process only,
-    under torchrun, since every process meets the same mistake) and exit code 2."""
-    quiet_process = os.environ.get("RANK", "0") != "0"
+def run(args: argparse.Namespace, world: tinyllm.World) -> int:
+    """Do what the flags ask; a user mistake becomes one line on stderr and exit code 2. Under torchrun
+    the line comes from one process only (the first to fail), and the others exit with code 2 too."""
+    distributed = isinstance(world, tinyllm_hooks.DistributedWorld)
     try:
         if args.plot:
             print(f"wrote {tinyllm_hooks.plot_losses(args.out_dir or 'out')}")
@@ -353,23 +354,25 @@ def run(args: argparse.Namespace) -> int:
         elif args.quantize:
             quantize(args)
         else:
-            benchmark(args) if args.benchmark else train(args)
-    except tinyllm.TinyLLMError as e:
-        if not quiet_process:
-            print(f"error: {e}", file=sys.stderr)
+            benchmark(args, world) if args.benchmark else train(args, world)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush cannot fail
+        return 128 + signal.SIGPIPE
+    except (tinyllm.TinyLLMError, OSError) as e:  # OSError: a full disk or a vanished directory
+        if not distributed or world.first_to_fail():
+            message = e if isinstance(e, tinyllm.TinyLLMError) else (
+                f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+            print(f"error: {message}", file=sys.stderr)
         return 2
     except tinyllm_hooks.TrainingInterrupted as e:  # last.pt is saved, and the log said how to resume
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-written is kept
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush cannot fail
-        return 128 + signal.SIGPIPE
-    except OSError as e:  # a full disk or a vanished directory: still one line, not a traceback
-        if not quiet_process:
-            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 2
+    except RuntimeError:  # a collective operation broke because another process failed and said why
+        if distributed and world.peer_failed():
+            return 2
+        raise
     return 0
 
 
