@@ -1,5 +1,6 @@
 """Tests of the plug-in modules (tinyllm_bpe, tinyllm_inference, tinyllm_hooks) and of the command
 line, end to end: crash safety, exact resume, bad input, torchrun."""
+import contextlib
 import csv
 import functools
 import gc
@@ -93,13 +94,13 @@ def test_every_name_tinyllm_exported_before_the_plug_ins_still_imports_from_it()
                 "prepare_text", "load_text", "split_train_val", "bits_per_char", "TokenWindows",
                 "TransformerModel", "KVCache", "generate", "generate_tokens", "stream_text", "sample_text",
                 "evaluate_full", "Trainer", "Int8Linear", "quantize_int8", "MetricsLogger", "plot_losses",
-                "Checkpoint", "save_checkpoint", "load_checkpoint", "atomic_write", "resolve_compile",
+                "Checkpoint", "save_checkpoint", "load_checkpoint", "atomic_write",
                 "measure_peak_flops", "merge_pair"]
     namespace = {}
     exec(f"from tinyllm import {', '.join(exported)}", namespace)
     assert namespace["BytePairTokenizer"] is tinyllm_bpe.BytePairTokenizer
     assert namespace["plot_losses"] is tinyllm_hooks.plot_losses
-    assert set(tinyllm.__all__) >= set(exported) - {"resolve_compile", "measure_peak_flops", "merge_pair"}
+    assert set(tinyllm.__all__) >= set(exported) - {"measure_peak_flops", "merge_pair"}
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
         tinyllm.nothing_here
 
@@ -268,21 +269,64 @@ def test_a_failing_compile_falls_back_to_plain_pytorch(tmp_path, monkeypatch):
             raise RuntimeError("no C++ compiler found")
         return compiled
     monkeypatch.setattr(torch, "compile", broken_compile)
+    settings = tinyllm_hooks.MeasuredSettings(record_path=tmp_path / "measurements.json")
     summary = tinyllm.Trainer(tiny_config(tmp_path, compile=True, max_steps=3), PLAY, quiet=True,
-                              callbacks=[tinyllm_hooks.CompileWithFallback()]).train()
+                              callbacks=[settings]).train()
     assert summary["steps"] == 3
     log = (tmp_path / "out" / "tinyllm_training.log").read_text()
     assert "torch.compile failed (no C++ compiler found); training without it" in log
 
 
-def test_compile_is_on_by_default_only_where_the_run_wins_back_its_cost():
-    cpu, resolve = torch.device("cpu"), tinyllm_hooks.resolve_compile
-    assert resolve(None, cpu, 10_000_000, None)[0]  # long runs compile
-    assert not resolve(None, cpu, 100_000, None)[0]  # short ones do not
-    assert not resolve(None, cpu, 10_000_000, 30.0)[0]
-    assert resolve(None, cpu, 0, 180.0)[0]
-    assert not resolve(False, cpu, 0, 180.0)[0]
-    assert not resolve(None, torch.device("cuda"), 10**9, None)[0]  # not measured there yet
+@pytest.fixture
+def measured(tmp_path, caplog):
+    """On-start of MeasuredSettings with fake timings {(dtype, compiled): seconds per step}: the
+    trainer it set up, and the settings it timed."""
+    threads = torch.get_num_threads()
+
+    def measure(seconds, **fields):
+        calls = []
+
+        def timer(trainer, setting, module, **limits):
+            calls.append(str(setting))
+            step = seconds[setting.dtype, setting.compiled]
+            return (25.0 if setting.compiled else step), step
+        config = tiny_config(tmp_path, out_dir=None, compile=None, dtype="auto", **fields)
+        trainer = tinyllm.Trainer(config, PLAY, quiet=True)
+        trainer.clock = tinyllm.RunClock(config.time_budget)
+        settings = tinyllm_hooks.MeasuredSettings(timer=timer, record_path=tmp_path / "measurements.json")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tinyllm"):
+            settings.on_start(trainer)
+        return trainer, calls
+    yield measure
+    torch.set_num_threads(threads)
+
+
+def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pays(measured, caplog):
+    seconds = {("float32", False): 0.20, ("bfloat16", False): 0.26, ("float32", True): 0.12,
+               ("bfloat16", True): 0.30}
+    trainer, calls = measured(seconds, time_budget=200.0)  # a guessed 30% of 200 s beats 30 s
+    assert trainer.dtype == torch.float32 and trainer.autocast is contextlib.nullcontext
+    assert isinstance(trainer.train_model, tinyllm_hooks.EagerFallback)
+    assert any("compiled" in call for call in calls) and "torch.compile on: 0.1200 s per step" in caplog.text
+    assert "training in float32 eager" in caplog.text
+    # Measured now: 40% of 10 s is less than a warm compile, guessed at a fifth of the cold 25 s.
+    trainer, calls = measured(seconds, time_budget=10.0)
+    assert trainer.train_model is trainer.eager_model and calls == []  # the record answered
+    assert "it would save 40% (measured) of the 10 s left, less than its cost of 5 s" in caplog.text
+    trainer, calls = measured({**seconds, ("bfloat16", False): 0.10, ("bfloat16", True): 0.15},
+                              time_budget=200.0, batch_size=4)  # another batch: measured afresh
+    assert trainer.dtype == torch.bfloat16 and trainer.train_model is trainer.eager_model
+    assert "torch.compile off: 0.1500 s per step against 0.1000 eager" in caplog.text
+
+
+def test_a_short_run_is_not_measured_and_a_broken_record_is_ignored(measured, tmp_path, caplog):
+    (tmp_path / "measurements.json").write_text('{"some cpu": {"float32": "fast"}}')
+    trainer, calls = measured({("float32", False): 0.01}, max_steps=100)  # about 1 s of training
+    assert trainer.train_model is trainer.eager_model and trainer.dtype == torch.float32
+    assert len(calls) == 2 and "the run is too short to win back the time" in caplog.text
+    assert tinyllm_hooks.compile_pays(relative_gain=0.5, remaining_seconds=100, compile_seconds=40)
+    assert not tinyllm_hooks.compile_pays(relative_gain=0.5, remaining_seconds=60, compile_seconds=40)
 
 
 def test_flops_per_token_counts_matrix_weights_six_times():

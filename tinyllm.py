@@ -50,7 +50,7 @@ PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "merge_pair": "tinyllm_bpe",
                 "stream_text": "tinyllm_inference", "Int8Linear": "tinyllm_inference",
                 "quantize_int8": "tinyllm_inference",
                 "plot_losses": "tinyllm_hooks", "TrainingInterrupted": "tinyllm_hooks",
-                "resolve_compile": "tinyllm_hooks", "measure_peak_flops": "tinyllm_hooks"}
+                "measure_peak_flops": "tinyllm_hooks"}
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger("tinyllm")
 
@@ -1258,18 +1258,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> tuple:
-    """The autocast dtype, and why: bfloat16 only where the hardware runs it fast."""
+    """The autocast dtype, and why. Whether bfloat16 is faster on a CPU depends on the chip and the
+    model, and no CPU flag tells (a plug-in may time both); float32 is the safe default there."""
     if name != "auto":
         return DTYPES[name], "asked for"
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16, "this CUDA GPU supports bfloat16"
     if device.type == "cuda":
         return torch.float16, "this CUDA GPU lacks bfloat16; float16 with a gradient scaler"
-    for probe, what in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
-        if device.type == "cpu" and getattr(torch.cpu, probe, lambda: False)():
-            return torch.bfloat16, f"this CPU has {what}"
-    return torch.float32, ("this CPU has no AMX or AVX512-BF16, so bfloat16 would be slower"
-                           if device.type == "cpu" else f"the safe choice on {device.type}")
+    return torch.float32, f"the safe default on {device.type}"
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable:
+    """A maker of autocast contexts: none for float32, else matrix products in `dtype`."""
+    return contextlib.nullcontext if dtype == torch.float32 else functools.partial(
+        torch.autocast, device.type, dtype=dtype)
 
 
 def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) -> None:
@@ -1317,9 +1320,7 @@ class Trainer:
         torch.manual_seed(c.seed)
         self.device = self.world.join(resolve_device(c.device))
         self.dtype, self.dtype_reason = resolve_dtype(c.dtype, self.device)
-        # autocast() is a new context each time: none for float32, else matrix products in self.dtype
-        self.autocast = (contextlib.nullcontext if self.dtype == torch.float32 else
-                         functools.partial(torch.autocast, self.device.type, dtype=self.dtype))
+        self.autocast = autocast_context(self.device, self.dtype)  # autocast() is a new context each time
         self.tokenizer, self.added_tokens, self.val_chars, train_ids, val_ids = prepare_data(
             c, text, val_text, tokenizer)
         check_memory(c, self.tokenizer.vocab_size, self.device)
@@ -1421,6 +1422,9 @@ class Trainer:
             self.world.barrier()  # every process has checked the out-dir before the first writes to it
             self.run_dir.open(self.config, self.tokenizer, resumed_at=self.resumed_at, quiet=self.quiet)
             self._log_start()
+            c = self.config  # from here on the time counts, against a time budget too
+            final = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
+            self.clock = RunClock(c.time_budget, final, self.state)
             self._hook("on_start")
             return self._finish(self._loop())
         finally:
@@ -1451,10 +1455,7 @@ class Trainer:
 
     def _loop(self) -> str:
         """Train until epochs, max_steps, the time budget, early stopping or a stop request ends it."""
-        c = self.config
-        final_tokens = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
-        self.clock, self.first_step = RunClock(c.time_budget, final_tokens, self.state), self.state.step + 1
-        reason = "error"
+        self.first_step, reason = self.state.step + 1, "error"
         try:
             reason = self._run_epochs()
         finally:

@@ -1,7 +1,8 @@
 """Plug-ins for tinyllm's Trainer, each attached through tinyllm.Callback or tinyllm.World:
 
 - DistributedWorld: torchrun and DistributedDataParallel, one process per device;
-- CompileWithFallback: compile the training step where it pays, and train without it if compiling fails;
+- MeasuredSettings: time the training step in each dtype, thread count and compiled or not, and
+  train with the fastest (compiling only where it pays back its cost), falling back if compiling fails;
 - StopOnSignals: Ctrl-C and SIGTERM end a run after the current step, with last.pt saved;
 - ModelFlopsUtilization: the measured peak matrix-multiply speed, and the share of it training used;
 - LossPlot: loss.png at the end of a run (needs matplotlib);
@@ -13,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime
 import gc
+import json
 import math
 import os
+import platform
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -125,22 +129,195 @@ def leave_process_group() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.compile where it pays, and plain PyTorch where it fails
+# The dtype, thread count and torch.compile that train fastest, measured on this machine
 
 
-def resolve_compile(setting: Optional[bool], device: torch.device, planned_tokens: int,
-                    time_budget: Optional[float]) -> tuple:
-    """Compile by default only where a measurement showed it pays, its cold start included."""
-    if setting is not None:
-        return setting, "asked for"
-    if device.type != "cpu":
-        return False, f"not yet measured on {device.type}; pass --compile to try it"
-    # Measured on a 2-core CPU: +46% tokens/s after a cold compile of about 22 s, which pays off
-    # once a run would take more than about 90 s uncompiled (about 20,000 tokens/s there).
-    long_run = time_budget >= 90 if time_budget is not None else planned_tokens >= 90 * 20_000
-    if long_run:
-        return True, "+46% tokens/s on a CPU, measured; the first step compiles for about 20 s"
-    return False, "this run is too short to win back the 20 s that compiling takes"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+MEASUREMENTS = CACHE / "tinyllm" / "measurements.json"
+# Before compiling was ever measured here for a model: assume it saves 30% of the time and costs 30 s,
+# so it is tried in runs of over 100 s, and measured; from then on the measurement decides. A second
+# compile of the same model finds PyTorch's compile cache warm: 5.8 s instead of 44 s, measured on a
+# 2-core AMD EPYC, so until a warm compile is timed, it is taken to cost a fifth of the cold one.
+GUESSED_GAIN, GUESSED_COMPILE_SECONDS, WARM_COMPILE_SHARE = 0.3, 30.0, 0.2
+SHORTEST_MEASURED_RUN = 60.0  # seconds: timing the candidates takes a few, which a shorter run keeps
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One way to run the training step."""
+
+    dtype: str = "float32"
+    threads: int = 1
+    compiled: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.dtype} {'compiled' if self.compiled else 'eager'}, {self.threads} threads"
+
+
+def first_line(error: Exception) -> str:
+    """An exception in a few words, for a one-line warning."""
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def compile_pays(*, relative_gain: float, remaining_seconds: float, compile_seconds: float) -> bool:
+    """Compiling pays when what it saves exceeds its cost: the R seconds left take R x (1 - gain)
+    compiled, so it saves gain x R."""
+    return relative_gain * remaining_seconds > compile_seconds
+
+
+def time_training_step(trainer: tinyllm.Trainer, setting: Setting, module: Any, *,
+                       min_seconds: float = 1.0, give_up_after: float = math.inf) -> tuple:
+    """(seconds of the first call, median seconds per step after it) of a training step of `module` in
+    `setting`, on a batch of the run's shape; a step taking over `give_up_after` seconds ends the
+    timing. The model, its gradients and torch's random generators are left as they were: an
+    optimizer with learning rate 0 on them, a snapshot put back."""
+    c, device = trainer.config, trainer.device
+    x, y = next(iter(tinyllm.epoch_loader(trainer.train_ids, c.max_context, c.batch_size,
+                                          torch.Generator().manual_seed(0))))
+    autocast = tinyllm.autocast_context(device, tinyllm.DTYPES[setting.dtype])
+    scratch = torch.optim.AdamW(trainer.model.parameters(), lr=0.0, fused=device.type in ("cpu", "cuda"))
+    snapshot = {name: w.detach().clone() for name, w in trainer.model.state_dict().items()}
+    threads, times = torch.get_num_threads(), []
+    torch.set_num_threads(setting.threads)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        while (len(times) < 4 or sum(times[1:]) < min_seconds) and max(times, default=0) <= give_up_after:
+            started = time.perf_counter()
+            with autocast():
+                loss = module(x, y)[1]
+            loss.backward()
+            scratch.step()
+            scratch.zero_grad(set_to_none=True)
+            loss.item()  # waits for the device
+            times.append(time.perf_counter() - started)
+    torch.set_num_threads(threads)
+    trainer.model.load_state_dict(snapshot)
+    later = sorted(times[1:]) or times  # a step given up on is its own timing
+    return times[0], later[len(later) // 2]
+
+
+def machine_key(trainer: tinyllm.Trainer) -> str:
+    """What a measurement depends on: the chip, torch, the model's shape and the batch."""
+    if trainer.device.type == "cuda":
+        chip = torch.cuda.get_device_name(trainer.device)
+    else:
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        chip = next((line.split(":", 1)[1].strip() for line in locals().get("cpuinfo", "").splitlines()
+                     if line.startswith("model name")), platform.processor() or "cpu")
+    m, c = trainer.model.config, trainer.config
+    return (f"{chip} | torch {torch.__version__} | {m.n_layer}x{m.n_head}x{m.n_embd}, vocab {m.vocab_size} "
+            f"| batch {c.batch_size} x {c.max_context}")
+
+
+class MeasuredSettings(tinyllm.Callback):
+    """Where `dtype` is "auto" (on a CPU) or `compile` unset, time the real training step in each
+    candidate for a second or so and train with the fastest; compile only where the measured (or, the
+    first time, guessed) gain over the rest of the run exceeds its cost. Timings are kept in
+    `record_path`, so a later run of the same model here starts at once. A compiled step that fails
+    falls back to plain PyTorch."""
+
+    def __init__(self, *, timer: Callable = time_training_step,
+                 record_path: Optional[tinyllm.PathLike] = None):
+        self.timer, self.record_path = timer, Path(record_path or MEASUREMENTS)
+        self.timings: dict = {}  # str(Setting) -> seconds per step, this run's and earlier runs'
+
+    def on_start(self, trainer: tinyllm.Trainer) -> None:
+        current = Setting(str(trainer.dtype).removeprefix("torch."), torch.get_num_threads())
+        key, records = machine_key(trainer), self._read()
+        self.timings = dict(records.get(key, {}))
+        recorded = dict(self.timings)
+        with trainer.clock.untimed_block():
+            best = self._fastest_eager(trainer, current)
+            compiled = self._compile(trainer, best, trainer.config.compile)
+        if self.timings != recorded:
+            records[key] = self.timings
+            with contextlib.suppress(OSError):  # only a cache: without it, a later run measures again
+                self.record_path.parent.mkdir(parents=True, exist_ok=True)
+                with tinyllm.atomic_write(self.record_path, "w") as f:
+                    json.dump(records, f, indent=1)
+        trainer.dtype = tinyllm.DTYPES[best.dtype]
+        trainer.autocast = tinyllm.autocast_context(trainer.device, trainer.dtype)
+        torch.set_num_threads(best.threads)
+        if compiled is not None:
+            trainer.train_model = EagerFallback(compiled, trainer.eager_model)
+
+    def _fastest_eager(self, trainer: tinyllm.Trainer, current: Setting) -> Setting:
+        """The fastest dtype and thread count that the config leaves open, measured (or recorded)."""
+        cpu, c = trainer.device.type == "cpu", trainer.config
+        dtypes = ["float32", "bfloat16"] if c.dtype == "auto" and cpu else [current.dtype]
+        threads = sorted({current.threads, os.cpu_count() or 1}) if cpu else [current.threads]
+        candidates = [Setting(d, t) for d in dtypes for t in threads]
+        if len(candidates) == 1 or trainer.world.size > 1:  # processes would have to time them together
+            return current
+        if self._remaining_seconds(trainer, self._estimate(trainer, current)) < SHORTEST_MEASURED_RUN:
+            logger.info("dtype and threads not measured: the run is too short to win back the time")
+            return current
+        for setting in candidates:  # one far slower than the fastest so far is not timed to the end
+            fastest = min([self.timings[str(s)] for s in candidates if str(s) in self.timings] or [math.inf])
+            self._time(trainer, setting, trainer.eager_model, give_up_after=5 * fastest)
+        best = min(candidates, key=lambda setting: self.timings[str(setting)])
+        logger.info("seconds per step: %s; training in %s", ", ".join(
+            f"{setting} {self.timings[str(setting)]:.4f}" for setting in candidates), best)
+        return best
+
+    def _compile(self, trainer: tinyllm.Trainer, best: Setting, asked: Optional[bool]) -> Optional[Any]:
+        """The compiled module to train with, or None: as asked, or where compiling pays."""
+        if asked is not None:
+            logger.info("torch.compile %s (asked for)", "on" if asked else "off")
+            if not asked:
+                return None
+            compiled = trainer.train_model is not trainer.eager_model  # the core compiled it already
+            return trainer.train_model if compiled else torch.compile(trainer.eager_model, dynamic=False)
+        setting = dataclasses.replace(best, compiled=True)
+        known = self.timings.get(str(setting))
+        eager_step = self._estimate(trainer, best)
+        gain = 1 - known / eager_step if known else GUESSED_GAIN
+        cold = self.timings.get(f"{setting} compile seconds")
+        cost = self.timings.get(f"{setting} warm compile seconds") or (
+            WARM_COMPILE_SHARE * cold if cold else GUESSED_COMPILE_SECONDS)
+        remaining = self._remaining_seconds(trainer, eager_step)
+        if not compile_pays(relative_gain=gain, remaining_seconds=remaining, compile_seconds=cost):
+            logger.info("torch.compile off: it would save %.0f%% (%s) of the %.0f s left, less than its "
+                        "cost of %.0f s", 100 * gain, "measured" if known else "a guess", remaining, cost)
+            return None
+        eager_step = self._time(trainer, best, trainer.eager_model)
+        compiled = torch.compile(trainer.eager_model, dynamic=False)
+        try:
+            first, step = self.timer(trainer, setting, compiled)
+        except Exception as e:  # compiling needs a C++ compiler on a CPU, Triton on a GPU
+            logger.warning("torch.compile failed (%s); training without it", first_line(e))
+            return None
+        self.timings[str(setting)] = step
+        self.timings[f"{setting} {'warm ' if cold else ''}compile seconds"] = first
+        logger.info("torch.compile %s: %.4f s per step against %.4f eager; compiling took %.1f s",
+                    "on" if step < eager_step else "off", step, eager_step, first)
+        return compiled if step < eager_step else None
+
+    def _time(self, trainer: tinyllm.Trainer, setting: Setting, module: Any, **limits: float) -> float:
+        if str(setting) not in self.timings:
+            self.timings[str(setting)] = self.timer(trainer, setting, module, **limits)[1]
+        return self.timings[str(setting)]
+
+    def _estimate(self, trainer: tinyllm.Trainer, setting: Setting) -> float:
+        """Seconds per step: recorded, or from a few steps (kept out of the record, being rough)."""
+        known = self.timings.get(str(setting))
+        return known or self.timer(trainer, setting, trainer.eager_model, min_seconds=0.0)[1]
+
+    @staticmethod
+    def _remaining_seconds(trainer: tinyllm.Trainer, step_seconds: float) -> float:
+        """The training time left: the budget's rest, or the steps left at `step_seconds` each."""
+        if trainer.config.time_budget is not None:
+            return trainer.config.time_budget - trainer.clock.elapsed()
+        return (trainer.total_steps - trainer.state.step) * step_seconds
+
+    def _read(self) -> dict:
+        """The recorded timings; a missing or broken file (it is only a cache) is no record."""
+        with contextlib.suppress(OSError, ValueError):
+            records = json.loads(self.record_path.read_text(encoding="utf-8"))
+            if isinstance(records, dict) and all(isinstance(r, dict) and all(
+                    type(v) in (int, float) and v > 0 for v in r.values()) for r in records.values()):
+                return records
+        return {}
 
 
 class EagerFallback:
@@ -156,25 +333,9 @@ class EagerFallback:
         except Exception as e:
             if self.module is self.eager:
                 raise
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            logger.warning("torch.compile failed (%s); training without it", reason)
+            logger.warning("torch.compile failed (%s); training without it", first_line(e))
             self.module = self.eager
             return self.eager(*args)
-
-
-class CompileWithFallback(tinyllm.Callback):
-    """With `compile` unset (None), compile the training step when the run is long enough to win
-    back the compile time; whenever it is compiled, fall back to plain PyTorch if compiling fails."""
-
-    def on_start(self, trainer: tinyllm.Trainer) -> None:
-        c = trainer.config
-        planned_tokens = trainer.total_steps * c.batch_size * c.max_context
-        compiled, reason = resolve_compile(c.compile, trainer.device, planned_tokens, c.time_budget)
-        logger.info("torch.compile %s (%s)", "on" if compiled else "off", reason)
-        if compiled and trainer.train_model is trainer.eager_model:
-            trainer.train_model = torch.compile(trainer.eager_model, dynamic=False)
-        if compiled:
-            trainer.train_model = EagerFallback(trainer.train_model, trainer.eager_model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,4 +524,4 @@ class ProgressBar(tinyllm.Callback):
 def standard_callbacks(*, progress_bar: bool = False) -> List[tinyllm.Callback]:
     """Every trainer plug-in here. StopOnSignals comes last: its on_stop may end the run."""
     bar = [ProgressBar()] if progress_bar else []
-    return [*bar, CompileWithFallback(), ModelFlopsUtilization(), LossPlot(), StopOnSignals()]
+    return [*bar, MeasuredSettings(), ModelFlopsUtilization(), LossPlot(), StopOnSignals()]

@@ -253,7 +253,7 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
     config = dataclasses.replace(build_config(args), out_dir=None)  # nothing is written
     trainer = tinyllm.Trainer(config, text, quiet=True, world=world)
-    compile_step, meter = tinyllm_hooks.CompileWithFallback(), tinyllm_hooks.ModelFlopsUtilization()
+    compile_step, meter = tinyllm_hooks.MeasuredSettings(), tinyllm_hooks.ModelFlopsUtilization()
     for callback in (compile_step, meter):
         callback.on_start(trainer)
     one_epoch = tinyllm.epoch_loader(trainer.train_ids, config.max_context, config.batch_size,
