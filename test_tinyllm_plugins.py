@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,16 @@ from test_tinyllm import FAST, PLAY, ROOT, StopAt, tiny_config, tiny_model
 from tinyllm import CharacterTokenizer, TinyLLMError, TrainingConfig, prepare_text
 
 SCRIPT = ROOT / "train_shakespeare.py"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def measurements_in_a_temporary_folder(tmp_path_factory):
+    """MeasuredSettings keeps its timings here, not in the user's home (in subprocesses too)."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setattr(tinyllm_hooks, "MEASUREMENTS", cache / "tinyllm" / "measurements.json")
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +367,24 @@ def test_loss_plot_is_drawn_from_the_metrics(tmp_path):
         tinyllm_hooks.plot_losses(tmp_path / "empty")
 
 
+def test_a_run_keeps_every_steps_loss_for_the_plot_and_a_resumed_run_drops_the_steps_it_retakes(tmp_path):
+    matplotlib = importlib.util.find_spec("matplotlib")
+    config = tiny_config(tmp_path, max_steps=60, val_frequency=25, checkpoint_frequency=20)
+    tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[tinyllm_hooks.LossPlot(), StopAt(45)]).train()
+    steps = list(csv.DictReader(open(tmp_path / "out" / "steps.csv")))
+    assert [int(row["step"]) for row in steps] == list(range(1, 46))  # 45 written, at the end too
+    where = TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
+    summary = tinyllm.Trainer(where, PLAY, quiet=True, resume=True,
+                              callbacks=[tinyllm_hooks.LossPlot()]).train()
+    steps = list(csv.DictReader(open(tmp_path / "out" / "steps.csv")))
+    assert summary["steps"] == 60 and [int(row["step"]) for row in steps] == list(range(1, 61))
+    assert all(math.isfinite(float(row["train_loss"])) and float(row["learning_rate"]) > 0 for row in steps)
+    if matplotlib:
+        assert (tmp_path / "out" / "loss.png").read_bytes().startswith(b"\x89PNG")
+        title = tinyllm_hooks.plot_title(tmp_path / "out", summary)
+        assert title.startswith("tiny: 2 layers x 2 heads x 32 wide, context 32\n") and "60 steps" in title
+
+
 def test_without_matplotlib_a_run_says_how_to_get_the_plot_and_finishes(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
@@ -397,12 +427,14 @@ def cli(capsys):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """One short real training run through the command line, shared by the tests below."""
+    """One short real training run through the command line (its output not a terminal, as under
+    nohup or in CI), shared by the tests below."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "play.txt").write_text(PLAY, encoding="utf-8")
     result = run_cli("--data", tmp / "play.txt", "--out-dir", tmp / "out", "--size", "tiny",
                      "--max-steps", 40, "--val-frequency", 10, "--sample-frequency", 20,
-                     "--max-context", 32, "--batch-size", 8, "--learning-rate", 0.01, "--quiet")
+                     "--max-context", 32, "--batch-size", 8, "--learning-rate", 0.01, "--lowercase",
+                     "--normalize-whitespace")
     return tmp, result
 
 
@@ -427,6 +459,11 @@ def test_cli_training_writes_every_file(trained_run):
     assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 4
     assert "=== step 20 ===" in (out / "samples.txt").read_text()
     assert "step 40" in (out / "tinyllm_training.log").read_text()
+    # No terminal, so no progress bar: progress lines at 1%, 10%, 25%, 50%, 75% and 90% of the run.
+    progress = re.findall(r"step (\d+) of 40 \((\d+)%\), epoch [\d.]+ of 10: train loss [\d.]+, "
+                          r"\d+ tokens/s; \d+ s elapsed, about \d+ s left", result.stdout)
+    assert [int(step) for step, _ in progress] == [1, 4, 10, 20, 30, 36], result.stdout
+    assert f"text: {len(PLAY):,} characters, lowercased and whitespace tidied: " in result.stdout
     assert tinyllm.load_checkpoint(out / "best.pt").step <= 40
     if importlib.util.find_spec("matplotlib"):
         assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -570,12 +607,31 @@ def test_cli_generating_into_a_closed_pipe_ends_quietly(trained_run):
     assert close_the_reader(process, read=5) == "" and process.returncode == 128 + signal.SIGPIPE
 
 
+def test_pip_install_gives_a_tinyllm_command_and_a_version(tmp_path):
+    pytest.importorskip("setuptools")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE", *(p.name for p in ROOT.glob("*.py"))):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(tmp_path / "site"), str(source)], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    result = subprocess.run([str(tmp_path / "site" / "bin" / "tinyllm"), "--help"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "--time-budget" in result.stdout, result.stderr
+    assert "(default: 1337)" in result.stdout  # defaults are shown
+    metadata = next((tmp_path / "site").glob("tinyllm-*.dist-info")) / "METADATA"
+    assert f"Version: {tinyllm.__version__}" in metadata.read_text()
+
+
 def test_cli_benchmark_prints_throughput(tmp_path):
     (tmp_path / "play.txt").write_text(PLAY)
     result = run_cli("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32,
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stdout and "MFU" in result.stdout
+    assert re.search(r"a plain GPT-2-style model of this shape, float32, eager, AdamW: [\d,]+ tokens/s; "
+                     r"tinyllm is [\d.]+x that", result.stdout), result.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["play.txt"]  # nothing written where it ran
 
 

@@ -6,7 +6,7 @@
 - StopOnSignals: Ctrl-C and SIGTERM end a run after the current step, with last.pt saved;
 - ModelFlopsUtilization: the measured peak matrix-multiply speed, and the share of it training used;
 - LossPlot: loss.png at the end of a run (needs matplotlib);
-- ProgressBar: a tqdm bar on a terminal.
+- ProgressBar: a tqdm bar on a terminal; ProgressLog: a progress line every 30 s where there is none.
 
 `standard_callbacks()` returns them in the order train_shakespeare.py uses them.
 """
@@ -47,8 +47,12 @@ class DistributedWorld(tinyllm.World):
     def __init__(self) -> None:
         self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.device = torch.device("cpu")  # set by join
-        self.store: Optional[dist.Store] = None  # torchrun's key-value store, once joined
+        self.store: Optional[dist.Store] = None  # torchrun's key-value store, once asked
         self.failures_key = f"tinyllm/failures/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        self.failed = False  # whether this process has counted itself among the failed
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._terminated)
 
     def join(self, device: torch.device) -> torch.device:
         if device.type == "cuda":
@@ -56,13 +60,6 @@ class DistributedWorld(tinyllm.World):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        with contextlib.suppress(KeyError, ValueError, RuntimeError):  # no store: see first_to_fail
-            # torchrun's agent keeps this store, so it outlives any one failed process.
-            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                       is_master=False, timeout=datetime.timedelta(seconds=10))
-        main_thread = threading.current_thread() is threading.main_thread()
-        if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, self._terminated)
         self.device = device
         return device
 
@@ -83,18 +80,34 @@ class DistributedWorld(tinyllm.World):
     def barrier(self) -> None:
         dist.barrier()
 
+    def _failures(self) -> Optional[dist.Store]:
+        """torchrun's key-value store, which its agent keeps, so it outlives any one failed process;
+        None where there is none to reach."""
+        if self.store is None:
+            with contextlib.suppress(KeyError, ValueError, RuntimeError):
+                self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                           is_master=False, timeout=datetime.timedelta(seconds=5))
+        return self.store
+
     def first_to_fail(self) -> bool:
         """Count this process's failure; True for the first process to fail, which prints the error
-        (once, whether every process met it or only this one). Before joining, process 0 prints."""
-        if self.store is None:
-            return self.rank == 0
-        with contextlib.suppress(RuntimeError):
-            return self.store.add(self.failures_key, 1) == 1
+        (once, whether every process met it or only this one). Without the store, process 0 prints."""
+        self.failed = True
+        with contextlib.suppress(RuntimeError, AttributeError):
+            return self._failures().add(self.failures_key, 1) == 1
         return self.rank == 0
 
-    def exit(self, code: int) -> NoReturn:
-        """End this process now with `code`. Once one process has failed, torchrun's agent soon sends
-        SIGTERM to the others, and a slower, orderly exit would end as death by that signal instead."""
+    def exit(self, code: int, *, wait: float = 5.0) -> NoReturn:
+        """End this failed process with `code`, once every process has failed or `wait` seconds have
+        passed. torchrun's agent sends SIGTERM to the others as soon as one ends, so one that was
+        still starting up (meeting the same error a moment later) would die by that signal; one that
+        waits in a collective operation finds it broken when this one ends, and follows with code 2."""
+        if not self.failed:
+            self.first_to_fail()
+        deadline = time.monotonic() + wait
+        with contextlib.suppress(RuntimeError, AttributeError):
+            while self._failures().add(self.failures_key, 0) < self.size and time.monotonic() < deadline:
+                time.sleep(0.05)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -103,14 +116,14 @@ class DistributedWorld(tinyllm.World):
         """The agent's SIGTERM after another process failed: exit with that one's code, 2, not by the
         signal. Any other SIGTERM still ends the process, with the usual code 143."""
         if self.peer_failed():
-            self.exit(2)
+            self.exit(2, wait=0.0)
         raise SystemExit(128 + signal_number)
 
     def peer_failed(self) -> bool:
         """Whether another process has failed (said by first_to_fail), which breaks this one's
         collective operations: it then exits with the same code, quietly, since the other said why."""
         with contextlib.suppress(RuntimeError, AttributeError):
-            return self.store.check([self.failures_key])
+            return self._failures().check([self.failures_key])
         return False
 
 
@@ -268,6 +281,9 @@ class MeasuredSettings(tinyllm.Callback):
                 return None
             compiled = trainer.train_model is not trainer.eager_model  # the core compiled it already
             return trainer.train_model if compiled else torch.compile(trainer.eager_model, dynamic=False)
+        if trainer.world.size > 1:  # the processes would have to time the same steps together
+            logger.info("torch.compile off: not measured under torchrun; pass --compile to compile")
+            return None
         setting = dataclasses.replace(best, compiled=True)
         known = self.timings.get(str(setting))
         eager_step = self._estimate(trainer, best)
@@ -280,23 +296,31 @@ class MeasuredSettings(tinyllm.Callback):
             logger.info("torch.compile off: it would save %.0f%% (%s) of the %.0f s left, less than its "
                         "cost of %.0f s", 100 * gain, "measured" if known else "a guess", remaining, cost)
             return None
-        eager_step = self._time(trainer, best, trainer.eager_model)
+        # Timed afresh, beside the compiled step: a timing from another run may have met other load.
+        eager_step = self._record(best, self.timer(trainer, best, trainer.eager_model)[1])
         compiled = torch.compile(trainer.eager_model, dynamic=False)
         try:
             first, step = self.timer(trainer, setting, compiled)
         except Exception as e:  # compiling needs a C++ compiler on a CPU, Triton on a GPU
             logger.warning("torch.compile failed (%s); training without it", first_line(e))
             return None
-        self.timings[str(setting)] = step
+        self._record(setting, step)
         self.timings[f"{setting} {'warm ' if cold else ''}compile seconds"] = first
         logger.info("torch.compile %s: %.4f s per step against %.4f eager; compiling took %.1f s",
                     "on" if step < eager_step else "off", step, eager_step, first)
         return compiled if step < eager_step else None
 
     def _time(self, trainer: tinyllm.Trainer, setting: Setting, module: Any, **limits: float) -> float:
+        """Seconds per step of `setting`: recorded, or timed now."""
         if str(setting) not in self.timings:
             self.timings[str(setting)] = self.timer(trainer, setting, module, **limits)[1]
         return self.timings[str(setting)]
+
+    def _record(self, setting: Setting, seconds: float) -> float:
+        """Keep the fastest timing of `setting` seen here: other load only ever slows a step down, so
+        a slow timing is noise (it once made a compiled step look 10% slower than eager, not 20% faster)."""
+        self.timings[str(setting)] = min(seconds, self.timings.get(str(setting), math.inf))
+        return seconds
 
     def _estimate(self, trainer: tinyllm.Trainer, setting: Setting) -> float:
         """Seconds per step: recorded, or from a few steps (kept out of the record, being rough)."""
@@ -441,45 +465,122 @@ class ModelFlopsUtilization(tinyllm.Callback):
 # The loss plot and the progress bar
 
 
-def plot_losses(out_dir: tinyllm.PathLike) -> Path:
-    """Draw train and validation loss against step from `out_dir`/metrics.csv into loss.png."""
+STEPS_CSV = "steps.csv"  # every step's training loss and learning rate, written by LossPlot
+
+
+def read_rows(path: Path, columns: tuple) -> list:
+    """The rows of a CSV file as tuples of floats in `columns`, each a one-line TinyLLMError if broken."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [tuple(float(row[name]) for name in columns) for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise tinyllm.TinyLLMError(f"{path} does not exist; point --out-dir at a training run") from None
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise tinyllm.TinyLLMError(f"{path} is malformed ({e})") from None
+
+
+def smoothed(values: List[float], weight: float) -> List[float]:
+    """An exponential moving average, with the bias of its zero start removed (as Adam does)."""
+    average, out = 0.0, []
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
+
+
+def plot_losses(out_dir: tinyllm.PathLike, summary: Optional[dict] = None) -> Path:
+    """Draw loss.png in `out_dir`: the training loss of every step (from steps.csv, smoothed) or of each
+    validation (from metrics.csv), the validation losses as points, the learning rate on a second
+    axis, and a title with the model and its full validation loss (from config.json and `summary`, by
+    default summary.json)."""
     try:  # an optional dependency; Figure without pyplot leaves any global plotting state alone
         from matplotlib.figure import Figure
     except ImportError:
         raise tinyllm.TinyLLMError("loss.png needs matplotlib: pip install 'tinyllm[plot]' "
                                    "(or pip install matplotlib)") from None
-    metrics = Path(out_dir) / "metrics.csv"
-    try:
-        with open(metrics, newline="", encoding="utf-8") as f:
-            rows = [(int(r["step"]), float(r["train_loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
-    except FileNotFoundError:
-        raise tinyllm.TinyLLMError(f"{metrics} does not exist; point --out-dir at a training run") from None
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
-        raise tinyllm.TinyLLMError(f"{metrics} is malformed ({e})") from None
-    if not rows:
-        raise tinyllm.TinyLLMError(f"{metrics} has no rows yet; a run logs one at each validation")
-    steps, train_losses, val_losses = zip(*rows)
-    figure = Figure(figsize=(7, 4), layout="tight")
+    out_dir = Path(out_dir)
+    validations = read_rows(out_dir / "metrics.csv", ("step", "train_loss", "val_loss", "learning_rate"))
+    if not validations:
+        raise tinyllm.TinyLLMError(f"{out_dir / 'metrics.csv'} has no rows yet; a run logs one at each "
+                                   "validation")
+    steps = read_rows(out_dir / STEPS_CSV, ("step", "train_loss", "learning_rate")) if (
+        out_dir / STEPS_CSV).exists() else []
+    steps = steps or [(s, t, lr) for s, t, _, lr in validations]  # from a run before steps.csv, or of 0 steps
+    figure = Figure(figsize=(8, 4.5), layout="tight")
     axes = figure.subplots()
-    axes.plot(steps, train_losses, label="train (mean since the last validation)")
-    axes.plot(steps, val_losses, label="validation")
-    axes.set(xlabel="step", ylabel="loss (nats per token)", title=f"training run in {out_dir}")
+    x, train, rates = zip(*steps)
+    if len(steps) > len(validations):  # every step: faint as logged, bold smoothed over ~2% of the run
+        axes.plot(x, train, color="tab:blue", alpha=0.25, linewidth=0.8)
+        axes.plot(x, smoothed(list(train), 1 - 1 / max(1, len(steps) // 50)), color="tab:blue",
+                  label="train (each step, smoothed)")
+    else:
+        axes.plot(x, train, color="tab:blue", marker="o", label="train (mean since the last validation)")
+    axes.plot([v[0] for v in validations], [v[2] for v in validations], color="tab:orange", marker="o",
+              label="validation")
+    axes.set(xlabel="step", ylabel="loss (nats per token)", title=plot_title(out_dir, summary))
     axes.grid(alpha=0.3)
-    axes.legend()
-    path = Path(out_dir) / "loss.png"
+    lr_axes = axes.twinx()
+    lr_axes.plot(x, rates, color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+    lr_axes.set_ylabel("learning rate")
+    lines = axes.get_legend_handles_labels()[0] + lr_axes.get_legend_handles_labels()[0]
+    axes.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    path = out_dir / "loss.png"
     with tinyllm.atomic_write(path) as f:
         figure.savefig(f, format="png", dpi=120)
     return path
 
 
+def plot_title(out_dir: Path, summary: Optional[dict]) -> str:
+    """The run's model and result, from its config.json and summary where they can be read."""
+    title = f"training run in {out_dir}"
+    with contextlib.suppress(tinyllm.TinyLLMError, KeyError, TypeError, ValueError):
+        c = tinyllm.read_json(out_dir / "config.json", "config")
+        title = (f"{c['model_size']}: {c['n_layer']} layers x {c['n_head']} heads x {c['n_embd']} wide, "
+                 f"context {c['max_context']}")
+        summary = summary or tinyllm.read_json(out_dir / "summary.json", "summary")
+        title += (f"\n{summary['parameters']:,} parameters; {summary['steps']:,} steps; full validation "
+                  f"loss {summary['full_val_loss']:.4f}")
+    return title
+
+
 class LossPlot(tinyllm.Callback):
-    """Draw loss.png at the end of a run; without matplotlib, say how to get it and finish anyway."""
+    """Keep every step's training loss and learning rate in steps.csv (read from the device once per
+    validation, never per step) and draw loss.png at the end; without matplotlib, say how to get it
+    and finish anyway."""
+
+    def __init__(self) -> None:
+        self.pending: List[tuple] = []  # (step, loss on the device, learning rate) not yet written
+
+    def on_start(self, trainer: tinyllm.Trainer) -> None:
+        path = (trainer.run_dir.path or Path()) / STEPS_CSV
+        if trainer.run_dir.writes and trainer.resumed_at is not None and path.exists():
+            with contextlib.suppress(tinyllm.TinyLLMError):  # a broken file is started afresh below
+                rows = [row for row in read_rows(path, ("step", "train_loss", "learning_rate"))
+                        if row[0] <= trainer.resumed_at]  # the steps after last.pt are taken again
+                trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n" + "".join(
+                    f"{int(step)},{loss},{lr}\n" for step, loss, lr in rows))
+                return
+        trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n")
+
+    def on_step_end(self, trainer: tinyllm.Trainer) -> None:
+        self.pending.append((trainer.state.step, trainer.state.recent_losses[-1], trainer.lr))
+
+    def on_validation(self, trainer: tinyllm.Trainer, row: dict) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: tinyllm.Trainer) -> None:
+        if self.pending:
+            losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()  # one wait for the device
+            trainer.run_dir.write(STEPS_CSV, "".join(f"{step},{loss:.5f},{lr:.4g}\n" for (step, _, lr), loss
+                                                     in zip(self.pending, losses)), append=True)
+            self.pending = []
 
     def on_end(self, trainer: tinyllm.Trainer, summary: dict) -> None:
+        self._write(trainer)
         if not trainer.run_dir.metrics:
             return
         try:
-            logger.info("loss curves drawn in %s", plot_losses(trainer.run_dir.path))
+            logger.info("loss curves drawn in %s", plot_losses(trainer.run_dir.path, summary))
         except tinyllm.TinyLLMError as e:  # a missing optional dependency must not fail a finished run
             logger.warning("no loss.png: %s", e)
 
@@ -521,7 +622,53 @@ class ProgressBar(tinyllm.Callback):
             trainer.run_dir.console.setStream(sys.stdout)
 
 
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class ProgressLog(tinyllm.Callback):
+    """Progress where no bar can be drawn (nohup, a notebook, CI, output piped to a file): a log line
+    every `every` seconds and at 1%, 10%, 25%, 50%, 75% and 90% of the run. Each reads the loss
+    from the device once, so the steps between lines never wait for it."""
+
+    MILESTONES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9)
+
+    def __init__(self, every: float = 30.0):
+        self.every, self.last_line, self.milestone = every, 0.0, 0  # milestone: the next one's index
+
+    def on_start(self, trainer: tinyllm.Trainer) -> None:
+        self.last_line = trainer.clock.elapsed()
+        progress = self._progress(trainer)
+        self.milestone = sum(progress >= m for m in self.MILESTONES)  # a resumed run is past some
+
+    def on_step_end(self, trainer: tinyllm.Trainer) -> None:
+        progress, elapsed = self._progress(trainer), trainer.clock.elapsed()
+        reached = sum(progress >= m for m in self.MILESTONES)
+        if reached <= self.milestone and elapsed - self.last_line < self.every:
+            return
+        self.milestone, self.last_line = max(self.milestone, reached), elapsed
+        state, c = trainer.state, trainer.config
+        loss = torch.stack(state.recent_losses).mean().item() if state.recent_losses else math.nan
+        epoch = state.step / trainer.steps_per_epoch  # in whole and part epochs, as a reader counts them
+        logger.info("step %d of %d (%.0f%%), epoch %.2f of %d: train loss %.4f, %.0f tokens/s; %s elapsed, "
+                    "about %s left", state.step, trainer.total_steps, 100 * progress, epoch, c.epochs, loss,
+                    state.tokens_seen / max(trainer.clock.train_seconds(), 1e-9), duration(elapsed),
+                    duration(elapsed * (1 - progress) / max(progress, 1e-9)))
+
+    @staticmethod
+    def _progress(trainer: tinyllm.Trainer) -> float:
+        """The share of the run done: of its steps, or of its time budget, whichever is further."""
+        spent = trainer.clock.budget_spent(trainer.state.tokens_seen // trainer.world.size)
+        return min(1.0, max(trainer.state.step / max(trainer.total_steps, 1), spent))
+
+
 def standard_callbacks(*, progress_bar: bool = False) -> List[tinyllm.Callback]:
     """Every trainer plug-in here. StopOnSignals comes last: its on_stop may end the run."""
-    bar = [ProgressBar()] if progress_bar else []
-    return [*bar, MeasuredSettings(), ModelFlopsUtilization(), LossPlot(), StopOnSignals()]
+    progress = ProgressBar() if progress_bar else ProgressLog()
+    return [progress, MeasuredSettings(), ModelFlopsUtilization(), LossPlot(), StopOnSignals()]

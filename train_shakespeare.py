@@ -32,7 +32,10 @@ import tinyllm_inference
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "shakespeare.txt"
+HERE = Path(__file__).resolve().parent
+# In a checkout, data/ beside this file; installed (`pip install .`, the `tinyllm` command), the cache.
+DEFAULT_DATA = (HERE / "data" if (HERE / "data").is_dir() else tinyllm_hooks.CACHE / "tinyllm") / \
+    "shakespeare.txt"
 
 # Command-line flags that set the TrainingConfig field of the same name, then the two that differ.
 CONFIG_FLAGS = {name: name for name in (
@@ -74,41 +77,74 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def default(field: str) -> str:
+    """A TrainingConfig field's default, for --help."""
+    value = {f.name: f.default for f in dataclasses.fields(tinyllm.TrainingConfig)}[field]
+    if value is None:
+        return "from --size" if field in tinyllm.MODEL_FIELDS else "none"
+    return str(value)
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="UTF-8 text file (default: Tiny Shakespeare, downloaded)")
-    p.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: out)")
-    p.add_argument("--config", type=Path, help="JSON file of TrainingConfig fields")
-    p.add_argument("--size", help=f"model size: {', '.join(tinyllm.MODEL_SIZES.names())}")
-    p.add_argument("--tokenizer", help=f"tokenizer: {', '.join(tinyllm.TOKENIZERS.names())}")
-    p.add_argument("--vocab-size", type=int, help="vocabulary size of a tokenizer that learns one (bpe: 768)")
-    for flag, kind in [("epochs", int), ("max-steps", int), ("time-budget", float), ("batch-size", int),
-                       ("learning-rate", float), ("max-context", int), ("val-frequency", int),
-                       ("checkpoint-frequency", int),
-                       ("sample-frequency", int), ("temperature", float), ("seed", int),
-                       ("n-layer", int), ("n-head", int), ("n-embd", int), ("dropout", float)]:
-        p.add_argument(f"--{flag}", type=kind)
-    p.add_argument("--init-from", help="fine-tune this checkpoint on --data (fresh optimizer and schedule)")
-    for flag in ("metrics-csv", "lowercase", "normalize-whitespace", "compile"):
-        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--device", choices=tinyllm.DEVICES)
-    p.add_argument("--dtype", choices=list(tinyllm.DTYPES))
-    p.add_argument("--quiet", action="store_true", help="no progress bar; console shows warnings only")
-    p.add_argument("--overwrite", action="store_true",
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, help="UTF-8 text file (default: Tiny Shakespeare, downloaded once); "
+                   "your own text is kept as it is unless you pass --lowercase or --normalize-whitespace")
+    g.add_argument("--tokenizer", help=f"{', '.join(tinyllm.TOKENIZERS.names())} "
+                   f"(default: {default('tokenizer')})")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size of a tokenizer that learns one (bpe: 768)")
+    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction,
+                   help="lowercase the text (default: on for Tiny Shakespeare, off for --data)")
+    g.add_argument("--normalize-whitespace", action=argparse.BooleanOptionalAction,
+                   help="tidy spaces and blank lines (default: on for Tiny Shakespeare, off for --data)")
+    g = p.add_argument_group("model")
+    g.add_argument("--size", help=f"{', '.join(tinyllm.MODEL_SIZES.names())} "
+                   f"(default: {default('model_size')})")
+    for flag, kind, what in [("n-layer", int, "blocks"), ("n-head", int, "attention heads"),
+                             ("n-embd", int, "width"), ("dropout", float, "dropout rate"),
+                             ("max-context", int, "tokens the model sees at once")]:
+        g.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag.replace('-', '_'))})")
+    g.add_argument("--init-from", help="fine-tune this checkpoint on --data (fresh optimizer and schedule)")
+    g = p.add_argument_group("training")
+    for flag, kind, what in [("epochs", int, "passes over the text"),
+                             ("max-steps", int, "stop after this many steps"),
+                             ("time-budget", float, "seconds for the whole run, final evaluation included"),
+                             ("batch-size", int, "windows per step (per process under torchrun)"),
+                             ("learning-rate", float, "peak learning rate"),
+                             ("seed", int, "seeds the weights, the batch order and the samples")]:
+        g.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag.replace('-', '_'))})")
+    g.add_argument("--config", type=Path, help="JSON file of TrainingConfig fields; flags override it")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    g.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of 3) "
+                   "against a plain GPT of the same shape, or with --generate generation tokens/s, then exit")
+    g = p.add_argument_group("output")
+    g.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: out)")
+    g.add_argument("--overwrite", action="store_true",
                    help="replace a training run already in --out-dir (with --quantize: an int8 file)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir from its last.pt, with its own settings")
-    p.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of "
-                   "3), or with --generate tokens/s with and without the KV cache, then exit")
-    p.add_argument("--plot", action="store_true", help="draw loss.png from <out-dir>/metrics.csv, then exit")
-    g = p.add_argument_group("using a trained model")
+    for flag, what in [("val-frequency", "validate every N steps"), ("checkpoint-frequency", "save last.pt "
+                       "every N steps"), ("sample-frequency", "log a sample every N steps")]:
+        g.add_argument(f"--{flag}", type=int, help=f"{what} (default: {default(flag.replace('-', '_'))})")
+    g.add_argument("--metrics-csv", action=argparse.BooleanOptionalAction,
+                   help="write metrics.csv (default: on)")
+    g.add_argument("--quiet", action="store_true",
+                   help="the console shows warnings only (the log has everything)")
+    g.add_argument("--plot", action="store_true", help="draw loss.png from <out-dir>/metrics.csv, then exit")
+    g = p.add_argument_group("device and distributed (launch with torchrun for several processes)")
+    g.add_argument("--device", choices=tinyllm.DEVICES,
+                   help="auto: CUDA, then MPS, then the CPU (default: auto)")
+    g.add_argument("--dtype", choices=list(tinyllm.DTYPES), help="auto: measured on a CPU (default: auto)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step (default: where measuring shows it pays)")
+    g = p.add_argument_group("generation (and other uses of a trained model)")
     g.add_argument("--generate", action="store_true", help="stream a sample instead of training")
     g.add_argument("--evaluate", action="store_true", help="print the full validation loss on --data")
     g.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: <out-dir>/best.pt)")
     g.add_argument("--quantize", choices=["int8"], help="int8 weights: with --generate or --evaluate, "
                    "in memory; alone, write <checkpoint>.int8.pt")
-    g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--num-chars", type=int, default=500, help="how many tokens (characters) to generate")
+    g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    g.add_argument("--num-chars", type=int, default=500, help="how many tokens to generate (default: 500)")
+    g.add_argument("--temperature", type=float,
+                   help=f"sampling temperature, also in training (default: {default('temperature')})")
     g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (1: greedy)")
     g.add_argument("--top-p", type=float, help="sample only from the most likely tokens holding this mass")
     g.add_argument("--stop", action="append", default=[], help="end before this string (repeatable)")
@@ -116,12 +152,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> tinyllm.TrainingConfig:
-    """Defaults, overridden by the fields in --config, overridden by each flag given."""
+    """Defaults, overridden by the fields in --config, overridden by each flag given. A user's own text
+    keeps its case and whitespace by default: in code or data they carry meaning."""
     flags = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
              if getattr(args, flag) is not None}
-    if args.config:
-        return tinyllm.TrainingConfig.from_json(args.config, **flags)
-    return tinyllm.TrainingConfig.from_dict(flags)
+    kept_as_is = {"lowercase": False, "normalize_whitespace": False} if args.data else {}
+    from_file = tinyllm.read_json(args.config, "config") if args.config else {}
+    source = f"config file {args.config}" if args.config else "config"
+    return tinyllm.TrainingConfig.from_dict({**kept_as_is, **from_file, **flags}, source=source)
 
 
 def download(url: str, path: Path, sha256: str, timeout: float = 30.0) -> Path:
@@ -248,13 +286,71 @@ def quantize(args: argparse.Namespace) -> None:
           f"{source.stat().st_size / 1e6:.2f} MB, of which {float_bytes / 1e6:.2f} MB float weights")
 
 
+class ReferenceGPT(torch.nn.Module):
+    """A plain GPT-2-style model (learned positions, LayerNorm, GELU, a head tied to the embedding),
+    trained in float32 without compiling: the yardstick for `--benchmark`'s tokens/s."""
+
+    def __init__(self, vocab_size: int, context: int, n_layer: int, n_head: int, n_embd: int):
+        super().__init__()
+        nn = torch.nn
+        self.n_head = n_head
+        self.tokens, self.positions = nn.Embedding(vocab_size, n_embd), nn.Embedding(context, n_embd)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(n_embd), qkv=nn.Linear(n_embd, 3 * n_embd), proj=nn.Linear(n_embd, n_embd),
+            norm2=nn.LayerNorm(n_embd), up=nn.Linear(n_embd, 4 * n_embd), down=nn.Linear(4 * n_embd, n_embd),
+        )) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(n_embd)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.tokens(idx) + self.positions(torch.arange(T, device=idx.device))
+        for b in self.blocks:
+            q, k, v = b.qkv(b.norm1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + b.down(torch.nn.functional.gelu(b.up(b.norm2(x))))
+        logits = self.norm(x) @ self.tokens.weight.T
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def median_tokens_per_second(step, batches, tokens_per_step: int) -> tuple:
+    """Tokens/s of `step(x, y)` (which returns the loss): 5 warm-up steps (they compile, if compiled),
+    then three timings of 30 steps; the median, and all three."""
+    for _ in range(5):
+        step(*next(batches)).item()
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        losses = [step(*next(batches)) for _ in range(30)]
+        losses[-1].item()  # wait for the device to finish
+        rates.append(30 * tokens_per_step / (time.perf_counter() - start))
+    return sorted(rates)[1], rates
+
+
+def reference_step(trainer: tinyllm.Trainer):
+    """A training step of ReferenceGPT in the trainer's shape: plain AdamW, float32, eager."""
+    c = trainer.config
+    model = ReferenceGPT(trainer.tokenizer.vocab_size, c.max_context, c.n_layer, c.n_head, c.n_embd)
+    model.to(trainer.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.learning_rate)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
 def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
-    """Time training steps of the configured model on the real data; nothing is kept."""
+    """Time training steps of the configured model on the real data, and of a plain GPT of its shape
+    (one process only); nothing is kept."""
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
     config = dataclasses.replace(build_config(args), out_dir=None)  # nothing is written
     trainer = tinyllm.Trainer(config, text, quiet=True, world=world)
-    compile_step, meter = tinyllm_hooks.MeasuredSettings(), tinyllm_hooks.ModelFlopsUtilization()
-    for callback in (compile_step, meter):
+    settings, meter = tinyllm_hooks.MeasuredSettings(), tinyllm_hooks.ModelFlopsUtilization()
+    for callback in (settings, meter):
         callback.on_start(trainer)
     one_epoch = tinyllm.epoch_loader(trainer.train_ids, config.max_context, config.batch_size,
                                      trainer.generator, world.rank, world.size)
@@ -263,15 +359,9 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
                                    f"tokens per process; use more text or a smaller --batch-size")
     batches = (batch for _ in itertools.count() for batch in tinyllm.epoch_loader(
         trainer.train_ids, config.max_context, config.batch_size, trainer.generator, world.rank, world.size))
-    for _ in range(5):  # warm-up (and compilation, with --compile)
-        trainer.train_step(*next(batches), config.learning_rate).item()
-    rates = []
-    for _ in range(3):
-        start = time.perf_counter()
-        losses = [trainer.train_step(*next(batches), config.learning_rate) for _ in range(30)]
-        losses[-1].item()  # wait for the device to finish
-        rates.append(30 * config.batch_size * config.max_context * world.size / (time.perf_counter() - start))
-    rate = sorted(rates)[1]
+    tokens_per_step = config.batch_size * config.max_context * world.size
+    rate, rates = median_tokens_per_second(lambda x, y: trainer.train_step(x, y, config.learning_rate),
+                                           batches, tokens_per_step)
     if world.rank != 0:
         return
     processes = f" x {world.size} processes" if world.size > 1 else ""
@@ -281,6 +371,10 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
           f"{trainer.device} {str(trainer.dtype).replace('torch.', '')}: {rate:,.0f} tokens/s "
           f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * meter.mfu(trainer, rate):.1f}% "
           f"of {meter.peak_flops / 1e12:.2f} TFLOP/s")
+    if world.size == 1:
+        reference, _ = median_tokens_per_second(reference_step(trainer), batches, tokens_per_step)
+        print(f"a plain GPT-2-style model of this shape, float32, eager, AdamW: {reference:,.0f} tokens/s; "
+              f"tinyllm is {rate / reference:.2f}x that")
 
 
 def check_resume_settings(args: argparse.Namespace) -> None:
