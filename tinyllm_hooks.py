@@ -97,7 +97,7 @@ class DistributedWorld(tinyllm.World):
             return self._failures().add(self.failures_key, 1) == 1
         return self.rank == 0
 
-    def exit(self, code: int, *, wait: float = 5.0) -> NoReturn:
+    def exit(self, code: int, *, wait: float = 2.0) -> NoReturn:
         """End this failed process with `code`, once every process has failed or `wait` seconds have
         passed. torchrun's agent sends SIGTERM to the others as soon as one ends, so one that was
         still starting up (meeting the same error a moment later) would die by that signal; one that
