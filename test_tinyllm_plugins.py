@@ -697,6 +697,8 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path)
     rows = [[(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(open(d / "metrics.csv"))]
             for d in (tmp_path / "whole", cut)]
     assert rows[0] == rows[1] and len(rows[0]) == 12  # no row lost or logged twice (every 25 of 300 steps)
+    steps = [(d / "steps.csv").read_text().splitlines() for d in (tmp_path / "whole", cut)]
+    assert steps[0] == steps[1] and len(steps[0]) == 301  # every step's loss, once, and the same
 
 
 @pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

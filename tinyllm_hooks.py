@@ -543,10 +543,14 @@ def plot_title(out_dir: Path, summary: Optional[dict]) -> str:
     return title
 
 
+def step_row(step: int, loss: float, learning_rate: float) -> str:
+    return f"{step},{loss:.5f},{learning_rate:.4g}\n"
+
+
 class LossPlot(tinyllm.Callback):
     """Keep every step's training loss and learning rate in steps.csv (read from the device once per
-    validation, never per step) and draw loss.png at the end; without matplotlib, say how to get it
-    and finish anyway."""
+    validation and checkpoint, never per step) and draw loss.png at the end; without matplotlib, say
+    how to get it and finish anyway."""
 
     def __init__(self) -> None:
         self.pending: List[tuple] = []  # (step, loss on the device, learning rate) not yet written
@@ -558,12 +562,14 @@ class LossPlot(tinyllm.Callback):
                 rows = [row for row in read_rows(path, ("step", "train_loss", "learning_rate"))
                         if row[0] <= trainer.resumed_at]  # the steps after last.pt are taken again
                 trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n" + "".join(
-                    f"{int(step)},{loss},{lr}\n" for step, loss, lr in rows))
+                    step_row(int(step), loss, lr) for step, loss, lr in rows))
                 return
         trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n")
 
     def on_step_end(self, trainer: tinyllm.Trainer) -> None:
         self.pending.append((trainer.state.step, trainer.state.recent_losses[-1], trainer.lr))
+        if trainer.state.step % trainer.config.checkpoint_frequency == 0:  # last.pt comes next
+            self._write(trainer)  # so a resumed run finds every step up to it
 
     def on_validation(self, trainer: tinyllm.Trainer, row: dict) -> None:
         self._write(trainer)
@@ -571,7 +577,7 @@ class LossPlot(tinyllm.Callback):
     def _write(self, trainer: tinyllm.Trainer) -> None:
         if self.pending:
             losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()  # one wait for the device
-            trainer.run_dir.write(STEPS_CSV, "".join(f"{step},{loss:.5f},{lr:.4g}\n" for (step, _, lr), loss
+            trainer.run_dir.write(STEPS_CSV, "".join(step_row(step, loss, lr) for (step, _, lr), loss
                                                      in zip(self.pending, losses)), append=True)
             self.pending = []
 
