@@ -626,10 +626,19 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_spares_the_checkpoints(tmp_pa
         assert saved.step == 20 and all(torch.isfinite(p).all() for p in saved.model.parameters())
 
 
-def test_a_checkpoint_whose_config_and_weights_disagree_is_refused(tmp_path):
+def test_save_checkpoint_always_writes_one_that_loads_and_a_disagreeing_one_is_refused(tmp_path):
     model = tiny_model(vocab_size=5, n_layer=2, n_head=2, n_embd=16)
     config = TrainingConfig(model_size="tiny", n_layer=3, n_embd=16, max_context=16)
     tinyllm.save_checkpoint(tmp_path / "odd.pt", model, None, config, CharacterTokenizer("abcde"))
+    assert tinyllm.load_checkpoint(tmp_path / "odd.pt").config.n_layer == 2  # the weights' own shape
+    tinyllm.save_checkpoint(tmp_path / "bare.pt", model, tokenizer=CharacterTokenizer("abcde"))  # no config
+    assert tinyllm.load_checkpoint(tmp_path / "bare.pt").model.config == model.config
+    with pytest.raises(TinyLLMError, match=r"needs the tokenizer of the model's 5 tokens \(got none\)"):
+        tinyllm.save_checkpoint(tmp_path / "none.pt", model)
+    assert not (tmp_path / "none.pt").exists()
+    edited = torch.load(tmp_path / "odd.pt", weights_only=True)
+    edited["config"]["n_layer"] = 3  # a hand-edited file
+    torch.save(edited, tmp_path / "odd.pt")
     with pytest.raises(TinyLLMError, match="odd.pt is inconsistent: its config has n_layer 3"):
         tinyllm.load_checkpoint(tmp_path / "odd.pt")
 

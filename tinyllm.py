@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim import Optimizer
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 try:
@@ -881,10 +882,22 @@ class Checkpoint:
     training_state: Optional[dict] = None  # a RunState's fields, for an exact resume
 
 
-def save_checkpoint(path: PathLike, model: TransformerModel, optimizer: Optional[torch.optim.Optimizer],
-                    config: TrainingConfig, tokenizer: Tokenizer, *, step: int = 0, epoch: int = 0,
-                    best_val_loss: float = math.inf, training_state: Optional[dict] = None) -> None:
-    """Save weights, optimizer, config, tokenizer and progress as tensors and plain Python data."""
+def model_shape(model: TransformerModel) -> dict:
+    """The TrainingConfig fields that a model's weights fix."""
+    return {name: getattr(model.config, name) for name in ("max_context", *MODEL_FIELDS)}
+
+
+def save_checkpoint(path: PathLike, model: TransformerModel, optimizer: Optional[Optimizer] = None,
+                    config: Optional[TrainingConfig] = None, tokenizer: Optional[Tokenizer] = None, *,
+                    step: int = 0, epoch: int = 0, best_val_loss: float = math.inf,
+                    training_state: Optional[dict] = None) -> None:
+    """Save weights, optimizer, config, tokenizer and progress as tensors and plain Python data. The
+    config's model fields are the model's own (a default config if none is given), so it loads."""
+    if tokenizer is None or tokenizer.vocab_size != model.config.vocab_size:
+        raise TinyLLMError(f"save_checkpoint needs the tokenizer of the model's {model.config.vocab_size} "
+                           f"tokens (got {tokenizer.vocab_size if tokenizer else 'none'}): a checkpoint "
+                           "without it could not be loaded")
+    config = dataclasses.replace(config or TrainingConfig(out_dir=None), **model_shape(model))
     state = {"format": "tinyllm-checkpoint", "version": 1, "model_args": dataclasses.asdict(model.config),
              "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
              "config": config.to_dict(), "tokenizer": {"type": tokenizer.type_name, **tokenizer.state()},
@@ -959,8 +972,7 @@ def starting_point(config: TrainingConfig, saved: Optional[Checkpoint], model: O
         config = dataclasses.replace(config, **{name: getattr(start.config, name) for name in inherited})
         model, tokenizer = start.model, start.tokenizer
     if model is not None:
-        shape = {name: getattr(model.config, name) for name in ("max_context", *MODEL_FIELDS)}
-        config = dataclasses.replace(config, **shape)
+        config = dataclasses.replace(config, **model_shape(model))
     return config, model, tokenizer
 
 
@@ -1376,7 +1388,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise TinyLLMError(f"{path} cannot be resumed from ({str(e).splitlines()[0][:200]})") from None
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> Optimizer:
         """AdamW, fused into one kernel; weight decay only on matrices, since decaying gains hurts."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.config.weight_decay},
