@@ -850,16 +850,18 @@ def first_step_in_process(rank, world_size, port, batch_size, out_dir, result_pa
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    results = {}
-    for world_size, batch_size in [(1, 16), (2, 8)]:
-        path = tmp_path / f"{world_size}.pt"
-        args = (world_size, free_port(), batch_size, str(tmp_path / "out"), str(path))
-        torch.multiprocessing.spawn(first_step_in_process, nprocs=world_size, args=args)
-        results[world_size] = torch.load(path)
-    one, two = results[1], results[2]
-    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
-    for name, grad in one["grads"].items():
-        assert torch.allclose(two["grads"][name], grad, atol=1e-5), name
+    config = TrainingConfig(model_size="tiny", max_context=32, batch_size=16, compile=False, device="cpu",
+                            out_dir=None)
+    trainer = tinyllm.Trainer(config, PLAY, quiet=True)  # one process, here: the same first batch of 16
+    x, y = next(iter(tinyllm.epoch_loader(trainer.train_ids, 32, 16, trainer.generator)))
+    loss = trainer.train_model(x, y)[1]
+    loss.backward()
+    args = (2, free_port(), 8, str(tmp_path / "out"), str(tmp_path / "two.pt"))
+    torch.multiprocessing.spawn(first_step_in_process, nprocs=2, args=args)  # two processes, 8 each
+    two = torch.load(tmp_path / "two.pt")
+    assert two["loss"] == pytest.approx(loss.item(), abs=1e-5)
+    for name, weight in trainer.model.named_parameters():
+        assert torch.allclose(two["grads"][name], weight.grad, atol=1e-5), name
 
 
 def torchrun(*args, script=SCRIPT):
