@@ -624,10 +624,10 @@ def test_pip_install_gives_a_tinyllm_command_and_a_version(tmp_path):
     assert f"Version: {tinyllm.__version__}" in metadata.read_text()
 
 
-def test_cli_benchmark_prints_throughput(tmp_path):
+def test_cli_benchmark_prints_throughput(tmp_path, cli, monkeypatch):
     (tmp_path / "play.txt").write_text(PLAY)
-    result = run_cli("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32,
-                     cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = cli("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32)
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stdout and "MFU" in result.stdout
     assert re.search(r"a plain GPT-2-style model of this shape, float32, eager, AdamW: [\d,]+ tokens/s; "
@@ -667,7 +667,7 @@ def wait_for(condition, timeout=120.0):
 def long_run_args(tmp_path, **changes):
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     flags = {"--data": tmp_path / "play.txt", "--size": "tiny", "--max-context": 32, "--batch-size": 8,
-             "--epochs": 10_000, "--max-steps": 300, "--val-frequency": 25, "--checkpoint-frequency": 20,
+             "--epochs": 10_000, "--max-steps": 200, "--val-frequency": 25, "--checkpoint-frequency": 20,
              "--sample-frequency": 250, "--seed": 5, **changes}
     return [*(str(part) for item in flags.items() for part in item), "--quiet", "--no-compile"]
 
@@ -684,11 +684,11 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path)
     process.communicate()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = tinyllm.load_checkpoint(cut / "last.pt").step
-    assert 20 <= killed_at < 300
+    assert 20 <= killed_at < 200
     resumed = run_cli("--resume", "--out-dir", cut, "--data", tmp_path / "play.txt", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     a, b = (tinyllm.load_checkpoint(d / "last.pt") for d in (tmp_path / "whole", cut))
-    assert a.step == b.step == 300, f"killed at step {killed_at}"
+    assert a.step == b.step == 200, f"killed at step {killed_at}"
     for name, tensor in a.model.state_dict().items():
         assert torch.equal(tensor, b.model.state_dict()[name]), f"{name} differs (killed at step {killed_at})"
     for key in ("full_val_loss", "best_val_loss", "final_val_loss", "steps", "tokens_seen", "sample"):
@@ -696,9 +696,9 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path)
             json.loads((tmp_path / "whole" / "summary.json").read_text())[key]
     rows = [[(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(open(d / "metrics.csv"))]
             for d in (tmp_path / "whole", cut)]
-    assert rows[0] == rows[1] and len(rows[0]) == 12  # no row lost or logged twice (every 25 of 300 steps)
+    assert rows[0] == rows[1] and len(rows[0]) == 8  # no row lost or logged twice (every 25 of 200 steps)
     steps = [(d / "steps.csv").read_text().splitlines() for d in (tmp_path / "whole", cut)]
-    assert steps[0] == steps[1] and len(steps[0]) == 301  # every step's loss, once, and the same
+    assert steps[0] == steps[1] and len(steps[0]) == 201  # every step's loss, once, and the same
 
 
 @pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -258,7 +258,8 @@ class MeasuredSettings(tinyllm.Callback):
         """The fastest dtype and thread count that the config leaves open, measured (or recorded)."""
         cpu, c = trainer.device.type == "cpu", trainer.config
         dtypes = ["float32", "bfloat16"] if c.dtype == "auto" and cpu else [current.dtype]
-        threads = sorted({current.threads, os.cpu_count() or 1}) if cpu else [current.threads]
+        chosen = "OMP_NUM_THREADS" in os.environ  # the user's thread count stands
+        threads = sorted({current.threads, os.cpu_count() or 1}) if cpu and not chosen else [current.threads]
         candidates = [Setting(d, t) for d in dtypes for t in threads]
         if len(candidates) == 1 or trainer.world.size > 1:  # processes would have to time them together
             return current
