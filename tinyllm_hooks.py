@@ -660,13 +660,15 @@ class ProgressLog(tinyllm.Callback):
         if reached <= self.milestone and elapsed - self.last_line < self.every:
             return
         self.milestone, self.last_line = max(self.milestone, reached), elapsed
-        state, c = trainer.state, trainer.config
+        state, c, seconds = trainer.state, trainer.config, trainer.clock.train_seconds()
         loss = torch.stack(state.recent_losses).mean().item() if state.recent_losses else math.nan
         epoch = state.step / trainer.steps_per_epoch  # in whole and part epochs, as a reader counts them
-        logger.info("step %d of %d (%.0f%%), epoch %.2f of %d: train loss %.4f, %.0f tokens/s; %s elapsed, "
-                    "about %s left", state.step, trainer.total_steps, 100 * progress, epoch, c.epochs, loss,
-                    state.tokens_seen / max(trainer.clock.train_seconds(), 1e-9), duration(elapsed),
-                    duration(elapsed * (1 - progress) / max(progress, 1e-9)))
+        # The first step's time is kept out of the training time, so right after it there is no rate yet.
+        rate = f"{state.tokens_seen / seconds:,.0f} tokens/s" if seconds > 0.5 else "no tokens/s yet"
+        left = c.time_budget - elapsed if c.time_budget else elapsed * (1 - progress) / max(progress, 1e-9)
+        logger.info("step %d of %d (%.0f%%), epoch %.2f of %d: train loss %.4f, %s; %s elapsed, about %s "
+                    "left", state.step, trainer.total_steps, 100 * progress, epoch, c.epochs, loss, rate,
+                    duration(elapsed), duration(left))
 
     @staticmethod
     def _progress(trainer: tinyllm.Trainer) -> float:
