@@ -260,7 +260,8 @@ def test_validation_split_is_the_end_of_the_text_and_batches_are_fixed():
     first = tinyllm.fixed_batches(val, 16, 4, 3, seed=1)
     second = tinyllm.fixed_batches(val, 16, 4, 3, seed=1)
     assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
-    with pytest.raises(TinyLLMError, match="text too short: 100 characters give 90 training and 10"):
+    with pytest.raises(TinyLLMError, match="text too short: 100 characters give 90 training and 10 "
+                                           ".* a smaller `max_context`"):  # the field, not a flag
         tinyllm.split_train_val(text[:100], tokenizer, 0.1, 16)
 
 
@@ -496,7 +497,7 @@ def test_a_finished_run_is_never_overwritten_by_accident(tmp_path):
     config = tiny_config(tmp_path, max_steps=2)
     tinyllm.Trainer(config, PLAY, quiet=True).train()
     before = (tmp_path / "out" / "best.pt").read_bytes()
-    with pytest.raises(TinyLLMError, match="--overwrite"):
+    with pytest.raises(TinyLLMError, match="`overwrite` to replace it"):
         tinyllm.Trainer(config, PLAY, quiet=True)
     with pytest.raises(TinyLLMError, match="too short"):  # a failed start leaves the old run alone
         tinyllm.Trainer(config, "too little text", quiet=True, overwrite=True)
@@ -775,7 +776,7 @@ def test_a_run_with_no_time_for_one_step_ends_cleanly_and_is_finished(tmp_path):
     assert tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 0
     where = TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
     with pytest.raises(TinyLLMError, match=r"finished at step 0 \(time_budget\); to train on, start a new "
-                                           r"run with --init-from .*best.pt"):
+                                           r"run with `init_from` .*best.pt"):
         tinyllm.Trainer(where, PLAY, quiet=True, resume=True)
 
 
@@ -803,7 +804,7 @@ def test_one_run_at_a_time_in_an_out_dir_and_no_temporary_file_left_behind(tmp_p
                               callbacks=[SecondRun()]).train()
     assert summary["steps"] == 6 and tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 6
     assert refusals == [f"{tmp_path / 'out'} is in use by another training run (process {os.getpid()}); "
-                        "wait for it to end, or choose another --out-dir"]
+                        "wait for it to end, or choose another `out_dir`"]
     assert not stale.exists()
     tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True, overwrite=True).train()  # released
 

@@ -750,7 +750,7 @@ BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line mu
     (["--data", "empty.txt", "--overwrite"], "is empty"),
     (["--data", "binary.bin", "--overwrite"], "looks binary"),
     (["--data", "latin1.txt", "--overwrite"], "is not UTF-8"),
-    (["--data", "short.txt", "--overwrite"], "text too short"),
+    (["--data", "short.txt", "--overwrite"], "use more text or a smaller --max-context"),  # a flag
     (["--data", ".", "--overwrite"], "is a directory"),
     (["--data", "play.txt", "--out-dir", "play.txt"], "cannot create output directory"),
     (["--data", "play.txt", "--config", "not_json.json", "--overwrite"], "not valid JSON"),
@@ -764,7 +764,7 @@ BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line mu
     (["--data", "play.txt", "--learning-rate", "0", "--overwrite"], "'learning_rate' must be positive"),
     (["--data", "play.txt", "--temperature", "-1", "--overwrite"], "'temperature' must be positive"),
     (["--data", "play.txt", "--time-budget", "0", "--overwrite"], "'time_budget' must be positive"),
-    (["--data", "play.txt", "--size", "tiny"], "pass --resume to continue it"),
+    (["--data", "play.txt", "--size", "tiny"], "--resume to continue it, another --out-dir, or --overwrite"),
     (["--generate"], "best.pt cannot be loaded safely: it is truncated, corrupted or not a PyTorch"),
     (["--generate", "--checkpoint", "best.pt"], "no checkpoint at"),
     (["--generate", "--checkpoint", "model.pt", "--prompt", "ROMEO: ¿sé?"], "never saw"),

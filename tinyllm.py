@@ -71,7 +71,8 @@ def __getattr__(name: str) -> Any:
 
 
 class TinyLLMError(ValueError):
-    """A user mistake: the message says what was wrong and how to fix it."""
+    """A user mistake: the message says what was wrong and how to fix it. Settings are named as in
+    TrainingConfig and the Trainer, in backticks (`max_context`); the command line shows its flags."""
 
 
 class Registry:
@@ -425,7 +426,7 @@ def load_text(path: PathLike) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise TinyLLMError(f"data file {path} does not exist; pass --data with a UTF-8 text file") from None
+        raise TinyLLMError(f"data file {path} does not exist; give the path of a UTF-8 text file") from None
     except OSError as e:
         raise TinyLLMError(f"cannot read data file {path}: {e.strerror}") from None
     if not raw.strip():
@@ -450,7 +451,7 @@ def split_train_val(text: str, tokenizer: Tokenizer, val_fraction: float, contex
     if len(val) < context + 1 or len(train) < context + 1:
         raise TinyLLMError(f"text too short: {len(text) + len(val_text)} characters give {len(train)} "
                            f"training and {len(val)} validation tokens, but each needs at least "
-                           f"max_context + 1 = {context + 1}; use more text or a smaller --max-context")
+                           f"max_context + 1 = {context + 1}; use more text or a smaller `max_context`")
     return train, val
 
 
@@ -959,7 +960,7 @@ def starting_point(config: TrainingConfig, saved: Optional[Checkpoint], model: O
         stopped = (saved.training_state or {}).get("stopped_because")
         if stopped not in (None, "interrupted"):
             raise TinyLLMError(f"the run in {config.out_dir} finished at step {saved.step} ({stopped}); "
-                               f"to train on, start a new run with --init-from {config.out_dir}/best.pt")
+                               f"to train on, start a new run with `init_from` {config.out_dir}/best.pt")
         config = dataclasses.replace(saved.config, out_dir=config.out_dir, device=config.device,
                                      compile=config.compile)
         return config, saved.model, saved.tokenizer
@@ -1007,8 +1008,8 @@ class RunState:
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise TinyLLMError(f"training loss became {losses[bad[0]].item()} at step "
-                               f"{self.step - len(losses) + 1 + int(bad[0])}; lower --learning-rate or set "
-                               "grad_clip (nothing from that step on was saved)")
+                               f"{self.step - len(losses) + 1 + int(bad[0])}; lower `learning_rate` or set "
+                               "`grad_clip` (nothing from that step on was saved)")
 
     def snapshot(self, clock: RunClock, scaler: torch.amp.GradScaler) -> dict:
         """The state now, with the clock, the gradient scaler and torch's random generators: tensors and
@@ -1127,10 +1128,10 @@ class RunDirectory:
     def check(self, *, overwrite: bool, resume: bool) -> None:
         """Refuse to clobber an earlier run unless asked (its files go only when training starts)."""
         if overwrite and resume:
-            raise TinyLLMError("--resume continues a run and --overwrite replaces it; choose one")
+            raise TinyLLMError("`resume` continues a run and `overwrite` replaces it; choose one")
         if resume and not (self.path and (self.path / "last.pt").is_file()):
             raise TinyLLMError(f"nothing to resume: {self.path or '<no out_dir>'}/last.pt does not exist; "
-                               "start a new run without --resume")
+                               "start a new run without `resume`")
         if self.path is None:
             return
         try:
@@ -1143,9 +1144,9 @@ class RunDirectory:
         existing = [f for f in self.FILES if (self.path / f).exists()]
         if existing and not (overwrite or resume):
             raise TinyLLMError(f"{self.path} already holds a training run ({', '.join(existing)}); pass "
-                               "--resume to continue it, another --out-dir, or --overwrite to replace it")
+                               "`resume` to continue it, another `out_dir`, or `overwrite` to replace it")
         if not os.access(self.path, os.W_OK):
-            raise TinyLLMError(f"output directory {self.path} is not writable; choose another --out-dir")
+            raise TinyLLMError(f"output directory {self.path} is not writable; choose another `out_dir`")
 
     def open(self, config: TrainingConfig, tokenizer: Tokenizer, *, resumed_at: Optional[int],
              quiet: bool) -> None:
@@ -1156,7 +1157,7 @@ class RunDirectory:
         if self.writes:
             if not self._lock():
                 raise TinyLLMError(f"{self.path} is in use by another training run (process "
-                                   f"{self.lock_holder}); wait for it to end, or choose another --out-dir")
+                                   f"{self.lock_holder}); wait for it to end, or choose another `out_dir`")
             for tmp in self.path.glob(".*.tmp"):  # left by a process killed while writing
                 if any(tmp.name.startswith(f".{name}.") for name in self.FILES):
                     tmp.unlink()
@@ -1269,7 +1270,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
     if not available[name.split(":")[0]]:
-        raise TinyLLMError(f"--device {name} was asked for but PyTorch cannot see one here; use --device cpu")
+        raise TinyLLMError(f"`device` {name} was asked for but PyTorch cannot see one here; use `device` cpu")
     return torch.device(name)
 
 
@@ -1311,8 +1312,8 @@ def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) 
     if needed > available:
         raise TinyLLMError(f"this run needs at least {needed / 2**30:,.1f} GiB of memory ({weights:,} "
                            f"weights, batches of {tokens:,} tokens), more than the {available / 2**30:,.1f} "
-                           f"GiB of {device}; choose a smaller --batch-size, --max-context, model or "
-                           "val_batches")
+                           f"GiB of {device}; choose a smaller `batch_size`, `max_context`, model or "
+                           "`val_batches`")
 
 
 class Trainer:
@@ -1376,7 +1377,7 @@ class Trainer:
             raise TinyLLMError(f"{path} holds no training state to resume from")
         if saved.training_state.get("data_sha256") != self.state.data_sha256:
             raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained "
-                               "on; pass the same --data to resume it")
+                               "on; pass the same `text` to resume it")
         if (self.run_dir.path / "best.pt").is_file():  # first: building its model draws random numbers
             best = load_checkpoint(self.run_dir.path / "best.pt", self.device)
             self.best_weights, self.best_step = best.model.state_dict(), best.step

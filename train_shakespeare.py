@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import re
 import signal
 import sys
 import time
@@ -44,6 +45,15 @@ CONFIG_FLAGS = {name: name for name in (
     "lowercase", "normalize_whitespace", "seed", "device", "dtype", "compile", "out_dir", "n_layer",
     "n_head", "n_embd", "dropout", "init_from")}
 CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
+# The library names a setting as `field` in its messages; here each becomes its flag.
+FLAG_OF = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
+FLAG_OF.update(text="--data", resume="--resume", overwrite="--overwrite")
+
+
+def in_flags(message: str) -> str:
+    """A library message as the command line says it: `max_context` becomes --max-context, and a
+    setting without a flag is named as a --config field."""
+    return re.sub(r"`(\w+)`", lambda m: FLAG_OF.get(m.group(1), f"{m.group(1)} (a --config field)"), message)
 
 
 def load_installed_plugins() -> None:
@@ -454,7 +464,7 @@ def run(args: argparse.Namespace, world: tinyllm.World) -> int:
         return 128 + signal.SIGPIPE
     except (tinyllm.TinyLLMError, OSError) as e:  # OSError: a full disk or a vanished directory
         if not distributed or world.first_to_fail():
-            message = e if isinstance(e, tinyllm.TinyLLMError) else (
+            message = in_flags(str(e)) if isinstance(e, tinyllm.TinyLLMError) else (
                 f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
             print(f"error: {message}", file=sys.stderr)
         return 2
