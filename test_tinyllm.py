@@ -605,12 +605,12 @@ class StopAt(tinyllm.Callback):
 def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
     config = tiny_config(tmp_path, max_steps=60, checkpoint_frequency=10, time_budget=100.0)
     assert tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[StopAt(30)]).train()["steps"] == 30
-    resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False), PLAY,
+    resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu"), PLAY,
                               resume=True)
     assert resumed.state.step == 30 and resumed.config.time_budget == 100.0
     assert resumed.state.elapsed_seconds > 0 and resumed.config.n_embd == 32
     with pytest.raises(TinyLLMError, match="the text differs"):
-        tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False), PLAY + "more",
+        tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu"), PLAY + "more",
                         resume=True)
 
 

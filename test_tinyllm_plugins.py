@@ -670,7 +670,8 @@ def long_run_args(tmp_path, **changes):
     flags = {"--data": tmp_path / "play.txt", "--size": "tiny", "--max-context": 32, "--batch-size": 8,
              "--epochs": 10_000, "--max-steps": 200, "--val-frequency": 25, "--checkpoint-frequency": 20,
              "--sample-frequency": 250, "--seed": 5, **changes}
-    return [*(str(part) for item in flags.items() for part in item), "--quiet", "--no-compile"]
+    return [*(str(part) for item in flags.items() for part in item), "--quiet", "--no-compile",
+            "--device", "cpu"]
 
 
 def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path):
@@ -867,7 +868,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 def torchrun(*args, script=SCRIPT):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), *map(str, args), "--no-compile"]
+               str(script), *map(str, args), "--no-compile", "--device", "cpu"]  # gloo, one CPU each
     return subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
