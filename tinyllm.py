@@ -855,16 +855,18 @@ class MetricsLogger:
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
-    """Remove the metrics rows logged after `step`: a resumed run logs those steps again."""
+    """Remove the rows of a CSV file with a `step` column (metrics.csv, a plug-in's) logged after
+    `step`: a resumed run logs those steps again."""
     if not path.exists():
         return
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if int(row["step"]) <= step]
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise TinyLLMError(f"{path} is malformed ({e}); move it away to resume") from None
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=MetricsLogger.COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=reader.fieldnames or MetricsLogger.COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -1292,6 +1294,17 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable:
         torch.autocast, device.type, dtype=dtype)
 
 
+def scheduled_learning_rate(config: TrainingConfig, step: int, total_steps: int,
+                            budget_spent: float) -> float:
+    """Warmup-stable-decay: a linear warmup, the peak rate, then a linear decay to a tenth over the last
+    30% of the run, by steps or by the time budget spent. In 180-s runs it beat a cosine decay by 0.03."""
+    warmup = min(config.warmup_steps, total_steps // 5)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = max((step - warmup) / max(1, total_steps - warmup), budget_spent)
+    return config.learning_rate * (0.1 + 0.9 * min(1.0, max(0.0, (1 - progress) / 0.3)))
+
+
 def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) -> None:
     """Refuse, before allocating, a run that cannot fit: training keeps 4 floats per weight (the weight,
     its gradient and AdamW's two moments), a step's activations for the backward pass (about 10 x
@@ -1398,16 +1411,8 @@ class Trainer:
                                  fused=self.device.type in ("cpu", "cuda"))
 
     def learning_rate(self) -> float:
-        """Warmup-stable-decay: a linear warmup, the peak rate, then a linear decay to a tenth over the
-        last 30% of the run (by steps or by the time budget spent). In 180-s runs it beat a cosine
-        decay by 0.03 (README)."""
-        c, step = self.config, self.state.step
-        warmup = min(c.warmup_steps, self.total_steps // 5)
-        if step < warmup:
-            return c.learning_rate * (step + 1) / warmup
         budget_spent = self.clock.budget_spent(self.state.tokens_seen // self.world.size)
-        progress = max((step - warmup) / max(1, self.total_steps - warmup), budget_spent)
-        return c.learning_rate * (0.1 + 0.9 * min(1.0, max(0.0, (1 - progress) / 0.3)))
+        return scheduled_learning_rate(self.config, self.state.step, self.total_steps, budget_spent)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One optimizer step; the loss stays a tensor so the step never waits on the device."""

@@ -208,15 +208,19 @@ def time_training_step(trainer: tinyllm.Trainer, setting: Setting, module: Any, 
     return times[0], later[len(later) // 2]
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as lscpu shows it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "cpu"
+
+
 def machine_key(trainer: tinyllm.Trainer) -> str:
     """What a measurement depends on: the chip, torch, the model's shape and the batch."""
-    if trainer.device.type == "cuda":
-        chip = torch.cuda.get_device_name(trainer.device)
-    else:
-        with contextlib.suppress(OSError):
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        chip = next((line.split(":", 1)[1].strip() for line in locals().get("cpuinfo", "").splitlines()
-                     if line.startswith("model name")), platform.processor() or "cpu")
+    chip = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else cpu_name()
     m, c = trainer.model.config, trainer.config
     return (f"{chip} | torch {torch.__version__} | {m.n_layer}x{m.n_head}x{m.n_embd}, vocab {m.vocab_size} "
             f"| batch {c.batch_size} x {c.max_context}")
@@ -544,10 +548,6 @@ def plot_title(out_dir: Path, summary: Optional[dict]) -> str:
     return title
 
 
-def step_row(step: int, loss: float, learning_rate: float) -> str:
-    return f"{step},{loss:.5f},{learning_rate:.4g}\n"
-
-
 class LossPlot(tinyllm.Callback):
     """Keep every step's training loss and learning rate in steps.csv (read from the device once per
     validation and checkpoint, never per step) and draw loss.png at the end; without matplotlib, say
@@ -558,12 +558,10 @@ class LossPlot(tinyllm.Callback):
 
     def on_start(self, trainer: tinyllm.Trainer) -> None:
         path = (trainer.run_dir.path or Path()) / STEPS_CSV
-        if trainer.run_dir.writes and trainer.resumed_at is not None and path.exists():
+        resumed = trainer.run_dir.writes and trainer.resumed_at is not None
+        if resumed and path.exists() and path.stat().st_size:
             with contextlib.suppress(tinyllm.TinyLLMError):  # a broken file is started afresh below
-                rows = [row for row in read_rows(path, ("step", "train_loss", "learning_rate"))
-                        if row[0] <= trainer.resumed_at]  # the steps after last.pt are taken again
-                trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n" + "".join(
-                    step_row(int(step), loss, lr) for step, loss, lr in rows))
+                tinyllm.drop_metrics_after(path, trainer.resumed_at)  # the steps after last.pt come again
                 return
         trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n")
 
@@ -578,7 +576,7 @@ class LossPlot(tinyllm.Callback):
     def _write(self, trainer: tinyllm.Trainer) -> None:
         if self.pending:
             losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()  # one wait for the device
-            trainer.run_dir.write(STEPS_CSV, "".join(step_row(step, loss, lr) for (step, _, lr), loss
+            trainer.run_dir.write(STEPS_CSV, "".join(f"{step},{loss:.5f},{lr:.4g}\n" for (step, _, lr), loss
                                                      in zip(self.pending, losses)), append=True)
             self.pending = []
 
