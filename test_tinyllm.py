@@ -376,6 +376,22 @@ def test_cache_gives_the_logits_of_a_full_forward_pass():
         model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
 
 
+def test_one_static_cache_serves_the_whole_generation_and_one_token_steps_go_through_decode_step():
+    model, calls = tiny_model(), []  # max_context 16: the window jumps to the newest 8 tokens
+
+    def step(token, position, cache):
+        calls.append((tuple(token.shape), int(position), tuple(cache.keys1.shape), id(cache)))
+        return model.logits(token, position, cache)
+    idx = torch.randint(11, (2, 5))
+    out = tinyllm.generate(model, idx, 40, top_k=1, decode_step=step)
+    assert torch.equal(out, tinyllm.generate(model, idx, 40, top_k=1, use_cache=False))
+    # The prompt fills positions 0-4; each jump fills 0-7 again in one pass, outside `step`.
+    positions = [position for _, position, _, _ in calls]
+    assert positions == [*range(5, 16), *range(8, 16), *range(8, 16), *range(8, 16)]
+    assert {(shape, cache_shape) for shape, _, cache_shape, _ in calls} == {((2, 1), (2, 2, 16, 8))}
+    assert len({cache for *_, cache in calls}) == 1
+
+
 def test_sampling_with_a_seed_is_reproducible_with_or_without_the_cache():
     model = tiny_model()
     idx = torch.zeros(1, 1, dtype=torch.long)
@@ -838,6 +854,9 @@ def test_the_core_alone_in_an_empty_folder_trains_and_samples(tmp_path):
                                                           "tinyllm.py"]
     run_files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"best.pt", "last.pt", "metrics.csv", "summary.json"} <= run_files
+    result = subprocess.run([sys.executable, "-E", "-m", "tinyllm"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # the command line is not there
+    assert result.returncode == 2 and "put that file beside tinyllm.py" in result.stderr
 
 
 def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):

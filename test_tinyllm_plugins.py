@@ -248,6 +248,71 @@ def test_streaming_ends_before_a_stop_string_and_never_shows_part_of_one():
     assert tinyllm.stream_text is tinyllm_inference.stream_text  # the name still imports from tinyllm
 
 
+def test_batched_samples_are_reproducible_and_each_ends_at_its_own_stop_string():
+    tokenizer = CharacterTokenizer().fit(prepare_text(PLAY))
+    model = tiny_model(tokenizer.vocab_size)
+    texts = tinyllm_inference.sample_texts(model, tokenizer, "to", 60, num_samples=4, seed=1)
+    assert len(set(texts)) == 4 and all(t.startswith("to") and len(t) == 62 for t in texts)
+    assert tinyllm_inference.sample_texts(model, tokenizer, "to", 60, num_samples=4, seed=1) == texts
+    assert tinyllm_inference.sample_texts(model, tokenizer, "to", 60, num_samples=4, seed=2) != texts
+    stop = texts[1][20:22]  # sample 1 stops there; any other sample at its first own match, if any
+    pieces = list(tinyllm_inference.stream_samples(model, tokenizer, "to", 60, num_samples=4, seed=1,
+                                                   stop=[stop]))
+    for number, text in enumerate(texts):
+        streamed = "".join(piece for n, piece in pieces if n == number)
+        assert streamed == text[2:].split(stop)[0], number
+    assert len(pieces) > 20  # streamed piece by piece, not at the end
+    with pytest.raises(TinyLLMError, match="num_samples must be at least 1"):
+        next(tinyllm_inference.stream_samples(model, tokenizer, "to", 5, num_samples=0))
+
+
+def test_a_compiled_one_token_step_gives_the_eager_tokens_with_one_graph_for_every_position(monkeypatch):
+    real_compile = torch.compile  # dynamo's graph capture without inductor's C++: the same graphs, fast
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    model = tiny_model()
+    step = tinyllm_inference.compile_decode_step(model)
+    idx = torch.randint(11, (3, 4))
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = tinyllm.generate(model, idx, 40, top_k=1, decode_step=step)
+    assert torch.equal(out, tinyllm.generate(model, idx, 40, top_k=1))
+    assert step.module is not step.eager  # it did not fall back
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # no recompiles
+
+
+def test_the_one_token_step_is_compiled_only_where_the_time_it_saves_exceeds_its_cost(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the decision, not the compiler
+    model, record = tiny_model(), tmp_path / "measurements.json"
+    timings = {"eager": 1e-3, "compiled": 2e-4, "compile seconds": 10.0, "warm compile seconds": 2.0}
+    tinyllm_inference.record_decode_timings(model, 1, timings, record)
+    choose = functools.partial(tinyllm_inference.choose_decode_step, model, record_path=record)
+    caplog.set_level("INFO", logger="tinyllm")
+    assert choose(tokens=2000) == model.logits  # saves 1.6 s, costs 2 s
+    assert "one-token step eager: 2,000 tokens at 1.00 ms eager, compiled 0.20 ms (measured)" in caplog.text
+    assert isinstance(choose(tokens=3000), tinyllm_hooks.EagerFallback)  # saves 2.4 s
+    assert choose(tokens=10, compile=True) != model.logits  # as asked
+    assert choose(tokens=10**9, compile=False) == model.logits
+    assert choose(tokens=10**9, batch_size=2) != model.logits
+    assert "(timed now)" in caplog.text and "(a guess)" in caplog.text  # batch 2 was never measured
+    timings = tinyllm_inference.recorded_decode_timings(model, 2, record)
+    assert set(timings) == {"compile seconds", "compiled"}  # the step it compiled was timed and kept
+
+
+def test_a_one_token_step_that_fails_to_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found")
+        return compiled
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = tiny_model()
+    step = tinyllm_inference.choose_decode_step(model, tokens=10, compile=True)
+    idx = torch.randint(11, (1, 3))
+    assert torch.equal(tinyllm.generate(model, idx, 30, top_k=1, decode_step=step),
+                       tinyllm.generate(model, idx, 30, top_k=1))
+    assert "torch.compile failed (no C++ compiler found); running without it" in caplog.text
+
+
 def test_int8_weights_are_a_quarter_of_the_size_and_score_like_float(tmp_path):
     model = tiny_model(vocab_size=11, n_layer=2, n_head=2, n_embd=64)
     ids = torch.randint(11, (400,))
@@ -286,7 +351,7 @@ def test_a_failing_compile_falls_back_to_plain_pytorch(tmp_path, monkeypatch):
                               callbacks=[settings]).train()
     assert summary["steps"] == 3
     log = (tmp_path / "out" / "tinyllm_training.log").read_text()
-    assert "torch.compile failed (no C++ compiler found); training without it" in log
+    assert "torch.compile failed (no C++ compiler found); running without it" in log
 
 
 @pytest.fixture
@@ -497,9 +562,40 @@ def test_cli_generate_samples_reproducibly_with_top_k_top_p_and_a_stop_string(tr
     assert stopped == greedy[:greedy.index(stop, len("romeo:"))] + "\n"
 
 
+def test_cli_draws_several_samples_in_one_batch_each_under_its_own_header(trained_run, cli):
+    common = ["--generate", "--out-dir", trained_run[0] / "out", "--prompt", "ROMEO:", "--num-chars", 40,
+              "--seed", 3, "--num-samples", 3]
+    result = cli(*common)
+    assert result.returncode == 0, result.stderr
+    samples = re.split(r"--- sample \d of 3 ---\n", result.stdout)[1:]
+    assert len(samples) == 3 and len(set(samples)) == 3 and all(s.startswith("romeo:") for s in samples)
+    assert cli(*common).stdout == result.stdout  # the same seed, the same samples
+    assert "one-token step eager: 40 tokens" in result.stderr  # the choice, on stderr
+    result = cli(*common[:-1], 0)
+    assert result.returncode == 2 and result.stderr == "error: --num-samples must be positive, got 0\n"
+
+
+def test_cli_threads_sets_the_thread_count_as_omp_num_threads_does(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # put back (unset) after the test
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this process keeps its threads
+    cli("--threads", 1, "--plot", "--out-dir", tmp_path)
+    assert calls == [1] and os.environ["OMP_NUM_THREADS"] == "1"  # which MeasuredSettings leaves alone
+
+
+def test_cli_generation_benchmark_times_a_compiled_step(trained_run, cli, monkeypatch):
+    real_compile = torch.compile  # graph capture without inductor's C++ compiler, which takes long here
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
+    result = cli("--generate", "--benchmark", "--out-dir", trained_run[0] / "out", "--num-chars", 20,
+                 "--num-samples", 2)
+    assert result.returncode == 0, result.stderr
+    assert "batch 2, 20 tokens each" in result.stdout and "cached, compiled" in result.stdout
+    assert "compiled is" in result.stdout and "compiling took" in result.stdout
+
+
 def test_ctrl_c_while_generating_ends_quietly_with_exit_code_130(trained_run):
     tmp, _ = trained_run
-    process = start_cli("--generate", "--out-dir", tmp / "out", "--num-chars", 10**6)
+    process = start_cli("--generate", "--out-dir", tmp / "out", "--num-chars", 10**6, "--no-compile")
     first_line = process.stdout.readline()  # generation has started
     process.send_signal(signal.SIGINT)
     try:
@@ -521,8 +617,8 @@ def test_cli_quantizes_evaluates_and_generates_with_int8(trained_run, cli):
         losses[name] = float(result.stdout.split("full validation loss ")[1].split()[0])
     assert abs(losses["best.int8.pt"] - losses["best.pt"]) < 0.02
     result = cli("--generate", "--checkpoint", tmp / "out" / "best.pt", "--quantize", "int8",
-                 "--benchmark", "--num-chars", 30)
-    assert result.returncode == 0 and "int8" in result.stdout and "with the KV cache" in result.stdout
+                 "--benchmark", "--num-chars", 30, "--no-compile")
+    assert result.returncode == 0 and "int8" in result.stdout and "cached is" in result.stdout
 
 
 def test_cli_fine_tunes_a_checkpoint_on_new_text(trained_run, cli):
@@ -583,8 +679,10 @@ def test_cli_quantize_never_replaces_an_earlier_int8_file_unasked(trained_run, t
 
 def test_cli_generation_benchmark_ignores_stop_strings_and_seeds_are_checked(trained_run, cli):
     checkpoint = trained_run[0] / "out" / "best.pt"
-    result = cli("--generate", "--benchmark", "--checkpoint", checkpoint, "--num-chars", 20, "--stop", "e")
-    assert result.returncode == 0 and "with the KV cache" in result.stdout, result.stderr
+    result = cli("--generate", "--benchmark", "--checkpoint", checkpoint, "--num-chars", 20, "--stop", "e",
+                 "--no-compile")
+    assert result.returncode == 0 and "cached is" in result.stdout, result.stderr
+    assert "compiled" not in result.stdout  # --no-compile leaves the compiled step out
     for seed in (-1, 2**32):
         result = cli("--generate", "--checkpoint", checkpoint, "--seed", seed)
         assert result.returncode == 2 and "--seed must be in [0, 2**32)" in result.stderr
@@ -604,7 +702,8 @@ def close_the_reader(process, read=0):
 
 
 def test_cli_generating_into_a_closed_pipe_ends_quietly(trained_run):
-    process = start_cli("--generate", "--out-dir", trained_run[0] / "out", "--num-chars", 10**6)
+    process = start_cli("--generate", "--out-dir", trained_run[0] / "out", "--num-chars", 10**6,
+                        "--no-compile")
     assert close_the_reader(process, read=5) == "" and process.returncode == 128 + signal.SIGPIPE
 
 
@@ -621,6 +720,9 @@ def test_pip_install_gives_a_tinyllm_command_and_a_version(tmp_path):
                             text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "--time-budget" in result.stdout, result.stderr
     assert "(default: 1337)" in result.stdout  # defaults are shown
+    result = subprocess.run([sys.executable, "-m", "tinyllm", "--threads", "0"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=120)  # the same command line
+    assert result.returncode == 2 and result.stderr == "error: --threads must be at least 1, got 0\n"
     metadata = next((tmp_path / "site").glob("tinyllm-*.dist-info")) / "METADATA"
     assert f"Version: {tinyllm.__version__}" in metadata.read_text()
 

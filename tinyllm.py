@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -45,10 +46,10 @@ __all__ = [  # the last seven live in plug-in modules and are imported from ther
     "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "QUANTIZATIONS", "atomic_write", "Tokenizer",
     "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text", "load_text",
     "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches", "TransformerModel",
-    "KVCache", "generate", "generate_tokens", "encode_prompt", "sample_text", "evaluate_full",
-    "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock",
-    "RunDirectory", "Callback", "World", "Trainer", "BytePairTokenizer", "stream_text", "Int8Linear",
-    "quantize_int8", "plot_losses", "TrainingInterrupted"]
+    "KVCache", "check_sampling", "generate", "generate_tokens", "encode_prompt", "sample_text",
+    "evaluate_full", "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState",
+    "RunClock", "RunDirectory", "Callback", "World", "Trainer", "BytePairTokenizer", "stream_text",
+    "Int8Linear", "quantize_int8", "plot_losses", "TrainingInterrupted"]
 PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "merge_pair": "tinyllm_bpe",
                 "stream_text": "tinyllm_inference", "Int8Linear": "tinyllm_inference",
                 "quantize_int8": "tinyllm_inference",
@@ -568,22 +569,20 @@ class CausalSelfAttention(nn.Module):
         self.proj_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional[KVCache] = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, positions: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         # QK-norm: unit-length queries and keys (rescaled to the usual size) bound the attention
         # logits, which keeps training stable at a high learning rate.
         q, k = apply_rotary(F.normalize(qkv[:2], dim=-1) * math.sqrt(C // self.n_head), rotary)
         v = qkv[2]
-        if cache is not None:  # attend to every earlier position, not just the new ones
-            k, v = cache.update(layer, k, v)
-        S = k.shape[2]
-        # The T new queries stand at the last T of the S key positions: with S == T that is the
-        # usual causal mask; one new query may see every key; otherwise the mask is shifted.
-        mask = None if S == T or T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-        # PyTorch's fused kernel does the masking, softmax and dropout in one pass.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:  # PyTorch's fused kernel does the masking, softmax and dropout in one pass
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # the new positions' keys and values join the cache; the mask hides its later slots
+            k, v = cache.update(layer, positions, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -614,27 +613,34 @@ class Block(nn.Module):
         self.ffn = FeedForward(n_embd, dropout)
 
     def forward(self, x: torch.Tensor, rotary: torch.Tensor, cache: Optional[KVCache] = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rotary, cache, layer)
+                layer: int = 0, positions: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, cache, layer, positions, mask)
         return x + self.ffn(self.norm2(x))
 
 
-class KVCache:
+class KVCache(nn.Module):
     """Every layer's keys and values for the tokens seen so far, so generating a token costs one
-    position instead of the whole context. Room for max_context positions is allocated up front."""
+    position instead of the whole context. It is static, as in gpt-fast: room for max_context
+    positions is allocated up front and written in place, so every one-token step has the same
+    shapes, and a compiled step (tinyllm_inference) runs them all without recompiling."""
 
     def __init__(self, model: TransformerModel, batch_size: int = 1):
+        super().__init__()
         c, weight = model.config, model.token_embedding.weight
-        shape = (c.n_layer, 2, batch_size, c.n_head, c.max_context, c.n_embd // c.n_head)
-        self.keys_values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.length = 0  # positions filled; the model advances it after each forward pass
+        shape = (batch_size, c.n_head, c.max_context, c.n_embd // c.n_head)
+        for layer in range(c.n_layer):  # a tensor each, which a compiled step can write in place
+            for kind in ("keys", "values"):
+                self.register_buffer(f"{kind}{layer}", weight.new_zeros(shape))
+        self.length = 0  # positions filled; whoever runs the model advances it
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
-        """Store the new positions' keys and values; return all of them so far."""
-        end = self.length + k.shape[2]
-        self.keys_values[layer, 0, :, :, self.length:end] = k
-        self.keys_values[layer, 1, :, :, self.length:end] = v
-        return self.keys_values[layer, 0, :, :, :end], self.keys_values[layer, 1, :, :, :end]
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """Write the keys and values of `positions`; return all max_context slots (the attention
+        masks the ones not yet written)."""
+        keys, values = getattr(self, f"keys{layer}"), getattr(self, f"values{layer}")
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        return keys, values
 
 
 class TransformerModel(nn.Module):
@@ -703,15 +709,25 @@ class TransformerModel(nn.Module):
         if start + T > self.max_context:
             raise TinyLLMError(f"input has {start + T} tokens but the model's max_context is "
                                f"{self.max_context}; crop it to the last max_context tokens")
-        x = self.dropout(self.token_embedding(idx))
-        for layer, block in enumerate(self.blocks):
-            x = block(x, self.rotary[:, start:start + T], cache, layer)
+        logits = self.logits(idx, torch.arange(start, start + T, device=idx.device), cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def logits(self, idx: torch.Tensor, positions: torch.Tensor,
+               cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits of the tokens `idx` (B, T) standing at `positions` (T,). The positions are a tensor,
+        not numbers, so a compiled one-token step is the same graph at every position."""
+        x = self.dropout(self.token_embedding(idx))
+        rotary = self.rotary[:, positions]
+        mask = None  # with a cache, each new token attends to the cache's slots up to its own position
+        if cache is not None:
+            mask = positions[:, None] >= torch.arange(self.max_context, device=idx.device)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, cache, layer, positions, mask)
+        return self.lm_head(self.final_norm(x))
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
         """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_tokens`."""
@@ -740,19 +756,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
-@torch.inference_mode()
-def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
-                    temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing `idx` (B, T).
-
-    The context window holds at most max_context tokens. When it is full, it jumps forward: the
-    newest max_context // 2 tokens are kept and the cache is rebuilt from them in one pass (a cache
-    cannot just drop its oldest position, since every later position's keys were computed while
-    attending to it). Without the cache the same window is recomputed at each step, so both
-    routes give the same tokens and the cache makes each step cost one position.
-    """
+def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Raise TinyLLMError for sampling settings that `sample_next` cannot use."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise TinyLLMError(f"temperature must be positive, got {temperature!r} "
                            "(for greedy decoding use top_k 1)")
@@ -760,18 +765,43 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
         raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
-    was_training = model.training
+
+
+@torch.inference_mode()
+def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
+                    temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                    decode_step: Optional[Callable] = None) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing each row of `idx` (B, T).
+
+    The context window holds at most max_context tokens. When it is full, it jumps forward: the
+    newest max_context // 2 tokens are kept and the cache is filled again from them in one pass (a
+    cache cannot just drop its oldest position, since every later position's keys were computed while
+    attending to it). Without the cache the same window is recomputed at each step, so both routes
+    give the same tokens and the cache makes each step cost one position. The one-token steps call
+    `decode_step(token, position, cache)`: `model.logits`, or a compiled one (tinyllm_inference).
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    was_training, step = model.training, decode_step or model.logits
     model.eval()
+    cache = KVCache(model, idx.shape[0]) if use_cache else None
     try:
-        context, cache = idx[:, -model.max_context:], None
-        new = context  # the tokens the cache has not seen yet
+        context = new = idx[:, -model.max_context:]  # new: the tokens the cache has not seen yet
         for _ in range(max_new_tokens):
-            if context.shape[1] > model.max_context:  # the window jumps; the cache is rebuilt
-                context, cache = context[:, -(model.max_context // 2 or 1):], None
-            if use_cache and cache is None:
-                cache, new = KVCache(model, idx.shape[0]), context
-            logits = model(new if use_cache else context, cache=cache)[0][:, -1]
-            next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+            if context.shape[1] > model.max_context:  # the window jumps; the cache is filled again
+                context = new = context[:, -(model.max_context // 2 or 1):]
+                if cache is not None:  # its old slots stay, masked until they are written again
+                    cache.length = 0
+            if cache is None:
+                logits = model(context)[0]
+            elif cache.length == 0:  # the first fill, a window of any length: not the compiled step
+                logits = model(new, cache=cache)[0]
+                position = torch.tensor([cache.length], device=idx.device)
+            else:
+                logits = step(new, position, cache)
+                position += 1  # in place: a compiled step sees the same tensor every time
+                cache.length += 1
+            next_id = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                   generator=generator)
             yield next_id
             context, new = torch.cat([context, next_id], dim=1), next_id
@@ -1628,3 +1658,11 @@ class Trainer:
                     summary["elapsed_seconds"], state.best_val_loss, full_val_loss,
                     summary["full_val_bits_per_char"], tokens_per_second, notes)
         return summary
+
+
+if __name__ == "__main__":  # `python -m tinyllm`: the command line, which train_shakespeare.py holds
+    if importlib.util.find_spec("train_shakespeare") is None:
+        print("error: python -m tinyllm runs the command line in train_shakespeare.py; put that file "
+              "beside tinyllm.py", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(importlib.import_module("train_shakespeare").main())

@@ -208,6 +208,25 @@ def time_training_step(trainer: tinyllm.Trainer, setting: Setting, module: Any, 
     return times[0], later[len(later) // 2]
 
 
+def read_measurements(path: Path) -> dict:
+    """The recorded timings, by machine_key; a missing or broken file (it is only a cache) is no record."""
+    with contextlib.suppress(OSError, ValueError):
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(records, dict) and all(isinstance(r, dict) and all(
+                type(v) in (int, float) and v > 0 for v in r.values()) for r in records.values()):
+            return records
+    return {}
+
+
+def write_measurements(path: Path, key: str, timings: dict) -> None:
+    """Record `timings` under `key`, keeping the other keys' records."""
+    records = {**read_measurements(path), key: timings}
+    with contextlib.suppress(OSError):  # only a cache: without it, a later run measures again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tinyllm.atomic_write(path, "w") as f:
+            json.dump(records, f, indent=1)
+
+
 def cpu_name() -> str:
     """The CPU's model name, as lscpu shows it."""
     try:
@@ -218,12 +237,16 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or "cpu"
 
 
+def chip_name(device: torch.device) -> str:
+    """The GPU's or the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def machine_key(trainer: tinyllm.Trainer) -> str:
     """What a measurement depends on: the chip, torch, the model's shape and the batch."""
-    chip = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else cpu_name()
     m, c = trainer.model.config, trainer.config
-    return (f"{chip} | torch {torch.__version__} | {m.n_layer}x{m.n_head}x{m.n_embd}, vocab {m.vocab_size} "
-            f"| batch {c.batch_size} x {c.max_context}")
+    return (f"{chip_name(trainer.device)} | torch {torch.__version__} | {m.n_layer}x{m.n_head}x{m.n_embd}, "
+            f"vocab {m.vocab_size} | batch {c.batch_size} x {c.max_context}")
 
 
 class MeasuredSettings(tinyllm.Callback):
@@ -240,18 +263,14 @@ class MeasuredSettings(tinyllm.Callback):
 
     def on_start(self, trainer: tinyllm.Trainer) -> None:
         current = Setting(str(trainer.dtype).removeprefix("torch."), torch.get_num_threads())
-        key, records = machine_key(trainer), self._read()
+        key, records = machine_key(trainer), read_measurements(self.record_path)
         self.timings = dict(records.get(key, {}))
         recorded = dict(self.timings)
         with trainer.clock.untimed_block():
             best = self._fastest_eager(trainer, current)
             compiled = self._compile(trainer, best, trainer.config.compile)
         if self.timings != recorded:
-            records[key] = self.timings
-            with contextlib.suppress(OSError):  # only a cache: without it, a later run measures again
-                self.record_path.parent.mkdir(parents=True, exist_ok=True)
-                with tinyllm.atomic_write(self.record_path, "w") as f:
-                    json.dump(records, f, indent=1)
+            write_measurements(self.record_path, key, self.timings)
         trainer.dtype = tinyllm.DTYPES[best.dtype]
         trainer.autocast = tinyllm.autocast_context(trainer.device, trainer.dtype)
         torch.set_num_threads(best.threads)
@@ -339,15 +358,6 @@ class MeasuredSettings(tinyllm.Callback):
             return trainer.config.time_budget - trainer.clock.elapsed()
         return (trainer.total_steps - trainer.state.step) * step_seconds
 
-    def _read(self) -> dict:
-        """The recorded timings; a missing or broken file (it is only a cache) is no record."""
-        with contextlib.suppress(OSError, ValueError):
-            records = json.loads(self.record_path.read_text(encoding="utf-8"))
-            if isinstance(records, dict) and all(isinstance(r, dict) and all(
-                    type(v) in (int, float) and v > 0 for v in r.values()) for r in records.values()):
-                return records
-        return {}
-
 
 class EagerFallback:
     """Calls the compiled module; if that fails (compiling needs a C++ compiler on a CPU, Triton on a
@@ -362,7 +372,7 @@ class EagerFallback:
         except Exception as e:
             if self.module is self.eager:
                 raise
-            logger.warning("torch.compile failed (%s); training without it", first_line(e))
+            logger.warning("torch.compile failed (%s); running without it", first_line(e))
             self.module = self.eager
             return self.eager(*args)
 

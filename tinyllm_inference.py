@@ -1,18 +1,24 @@
-"""Using a trained tinyllm model beyond plain sampling: int8 weights, and text streamed as it is
-generated, with stop strings.
+"""Using a trained tinyllm model beyond plain sampling: int8 weights; text streamed as it is
+generated, with stop strings, for one sample or a batch of them; and a compiled one-token step,
+where compiling pays back its cost.
 
 tinyllm.py names `quantize_int8` in its QUANTIZATIONS registry, so a checkpoint saved with int8
 weights loads through `tinyllm.load_checkpoint` and imports this module only then.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import tinyllm
+import tinyllm_hooks
+from tinyllm import logger
 
 
 class Int8Linear(nn.Module):
@@ -51,34 +57,177 @@ def quantize_int8(model: tinyllm.TransformerModel) -> tinyllm.TransformerModel:
     return model
 
 
-def stream_text(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, prompt: str, length: int, *,
-                stop: Sequence[str] = (), lowercase: bool = True, normalize_whitespace: bool = True,
-                seed: Optional[int] = None, **sampling: Any) -> Iterator[str]:
-    """Yield the continuation of `prompt` piece by piece as it is generated, for up to `length` tokens.
+class TextStream:
+    """One sample's tokens decoded into text as they come. Text that might begin a stop string is held
+    back, and so are the bytes of a character not yet complete; `done` once a stop string appears."""
 
-    The prompt gets the training text's preprocessing (see `tinyllm.sample_text`). Generation ends
-    before the first `stop` string, which is not yielded, so text that might begin one is held
-    back; so are the bytes of a character not yet complete. `sampling`: see `tinyllm.generate_tokens`.
+    def __init__(self, tokenizer: tinyllm.Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.pending: List[int] = []  # tokens not yet whole characters
+        self.held = ""  # text that may start a stop string
+        self.done = False
+
+    def add(self, token: int) -> str:
+        """The text that `token` lets out (often all of it, sometimes nothing yet)."""
+        if self.done:
+            return ""
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending)
+        if piece.endswith("\ufffd") and len(self.pending) < 4:  # a UTF-8 character still incomplete
+            return ""
+        self.held, self.pending = self.held + piece, []
+        hits = [self.held.find(s) for s in self.stop if s in self.held]
+        if hits:
+            self.done = True
+            return self.held[:min(hits)]
+        keep = max((n for s in self.stop for n in range(1, len(s)) if self.held.endswith(s[:n])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once generation has ended without a stop string."""
+        rest = "" if self.done else self.held + self.tokenizer.decode(self.pending)
+        self.held, self.pending = "", []
+        return rest
+
+
+def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, prompt: str, length: int, *,
+                   num_samples: int = 1, stop: Sequence[str] = (), lowercase: bool = True,
+                   normalize_whitespace: bool = True, seed: Optional[int] = None,
+                   **sampling: Any) -> Iterator[tuple]:
+    """Yield (sample number, text piece) as `num_samples` continuations of `prompt` are generated in
+    one batch, for up to `length` tokens each.
+
+    The prompt gets the training text's preprocessing (see `tinyllm.sample_text`). Each sample ends
+    before its first `stop` string, which is not yielded; the batch ends when every sample has. The
+    same seed and number of samples give the same samples. `sampling`: see `tinyllm.generate_tokens`.
     """
+    if num_samples < 1:
+        raise tinyllm.TinyLLMError(f"num_samples must be at least 1, got {num_samples}")
     device = next(model.parameters()).device
     prompt = tinyllm.prepare_text(prompt, lowercase, normalize_whitespace)
-    idx = tinyllm.encode_prompt(tokenizer, prompt, device)
+    idx = tinyllm.encode_prompt(tokenizer, prompt, device).expand(num_samples, -1)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    stop = [s for s in stop if s]
-    pending, held = [], ""  # tokens not yet whole characters; text that may start a stop string
-    for next_id in tinyllm.generate_tokens(model, idx, length, generator=generator, **sampling):
-        pending.append(int(next_id))
-        piece = tokenizer.decode(pending)
-        if piece.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character still incomplete
-            continue
-        held, pending = held + piece, []
-        hits = [held.find(s) for s in stop if s in held]
-        if hits:
-            yield held[:min(hits)]
+    streams = [TextStream(tokenizer, stop) for _ in range(num_samples)]
+    for next_ids in tinyllm.generate_tokens(model, idx, length, generator=generator, **sampling):
+        for number, (stream, token) in enumerate(zip(streams, next_ids[:, 0].tolist())):
+            piece = stream.add(token)
+            if piece:
+                yield number, piece
+        if all(stream.done for stream in streams):
             return
-        keep = max((n for s in stop for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
-        if len(held) > keep:
-            yield held[:len(held) - keep]
-            held = held[len(held) - keep:]
-    if held or pending:
-        yield held + tokenizer.decode(pending)
+    for number, stream in enumerate(streams):
+        rest = stream.flush()
+        if rest:
+            yield number, rest
+
+
+def stream_text(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, prompt: str, length: int,
+                **options: Any) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece as it is generated; see `stream_samples`."""
+    for _, piece in stream_samples(model, tokenizer, prompt, length, num_samples=1, **options):
+        yield piece
+
+
+def sample_texts(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, prompt: str, length: int, *,
+                 num_samples: int, **options: Any) -> List[str]:
+    """`num_samples` continuations of `prompt` generated in one batch, each with the prompt before it."""
+    texts = [tinyllm.prepare_text(prompt, options.get("lowercase", True),
+                                  options.get("normalize_whitespace", True))] * num_samples
+    for number, piece in stream_samples(model, tokenizer, prompt, length, num_samples=num_samples, **options):
+        texts[number] += piece
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# A compiled one-token step, where it pays
+
+
+# Before a model's steps were timed here: a compiled one-token step takes a third of the eager one's
+# time (it fuses about 150 small operations, each paying PyTorch's fixed dispatch cost), and its
+# compiling costs what MeasuredSettings assumes for training.
+GUESSED_SPEEDUP = 3.0
+
+
+def generation_key(model: tinyllm.TransformerModel, batch_size: int) -> str:
+    """What the speed of a one-token step depends on: the chip, torch, the model's shape and the batch."""
+    m, device = model.config, next(model.parameters()).device
+    return (f"{tinyllm_hooks.chip_name(device)} | torch {torch.__version__} | generate "
+            f"{m.n_layer}x{m.n_head}x{m.n_embd}, vocab {m.vocab_size}, context {m.max_context}"
+            f"{', int8' if model.quantization else ''} | batch {batch_size}")
+
+
+def time_decode_step(model: tinyllm.TransformerModel, step: Callable, batch_size: int,
+                     repeats: int = 20) -> tuple:
+    """(seconds of the first call, median seconds of the calls after it) of `step` on a scratch cache."""
+    device, times = next(model.parameters()).device, []
+    with torch.inference_mode():  # as in generation: a tensor from outside makes a compiled step recompile
+        cache = tinyllm.KVCache(model, batch_size)
+        token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        for position in range(min(repeats + 1, model.max_context)):
+            started = time.perf_counter()
+            step(token, torch.tensor([position], device=device), cache).sum().item()  # waits for the device
+            times.append(time.perf_counter() - started)
+    return times[0], statistics.median(times[1:] or times)
+
+
+def compile_decode_step(model: tinyllm.TransformerModel) -> Callable:
+    """`model.logits` compiled for one-token steps, falling back to eager with a warning if compiling
+    fails. A step is a few dozen small kernels, so what is left to win is the overhead around them:
+    on a GPU CUDA graphs launch them all at once; on a CPU a C++ wrapper calls them instead of
+    Python. Guards on the model's modules are skipped (checking them took about a tenth of a step),
+    so quantize or swap modules before compiling, not after."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if on_cuda:
+        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+    else:
+        options["cpp_wrapper"] = True
+    compiled = torch.compile(model.logits, dynamic=False, options=options)
+    return tinyllm_hooks.EagerFallback(compiled, model.logits)
+
+
+def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_size: int = 1,
+                       compile: Optional[bool] = None,
+                       record_path: Optional[tinyllm.PathLike] = None) -> Callable:
+    """The one-token step for generating `tokens` tokens: compiled if asked, or where the time it saves
+    (measured here before, or guessed) exceeds its compile time; else `model.logits`. The choice is
+    logged, and a compiled step's timings are recorded for the next choice."""
+    timings = recorded_decode_timings(model, batch_size, record_path)
+    if compile is None:
+        eager = timings.get("eager") or time_decode_step(model, model.logits, batch_size, repeats=5)[1]
+        compiled = timings.get("compiled") or eager / GUESSED_SPEEDUP
+        cold = timings.get("compile seconds")
+        cost = timings.get("warm compile seconds") or (
+            tinyllm_hooks.WARM_COMPILE_SHARE * cold if cold else tinyllm_hooks.GUESSED_COMPILE_SECONDS)
+        compile = tinyllm_hooks.compile_pays(relative_gain=1 - compiled / eager,
+                                             remaining_seconds=eager * tokens, compile_seconds=cost)
+        logger.info("one-token step %s: %s tokens at %.2f ms eager%s, compiled %.2f ms (%s), "
+                    "compiling %.0f s",
+                    "compiled" if compile else "eager", f"{tokens:,}", 1000 * eager,
+                    "" if "eager" in timings else " (timed now)", 1000 * compiled,
+                    "measured" if "compiled" in timings else "a guess", cost)
+    if not compile:
+        return model.logits
+    step = compile_decode_step(model)
+    first, seconds = time_decode_step(model, step, batch_size)
+    if step.module is not step.eager:  # it compiled: keep what it cost and gave
+        warm = "warm compile seconds" if "compile seconds" in timings else "compile seconds"
+        record_decode_timings(model, batch_size, {warm: first, "compiled": seconds}, record_path)
+    return step
+
+
+def recorded_decode_timings(model: tinyllm.TransformerModel, batch_size: int,
+                            record_path: Optional[tinyllm.PathLike] = None) -> dict:
+    """The one-token step's timings recorded on this machine: seconds per step "eager" and "compiled",
+    "compile seconds" (the first compile) and "warm compile seconds" (with PyTorch's cache warm)."""
+    path = Path(record_path or tinyllm_hooks.MEASUREMENTS)
+    return tinyllm_hooks.read_measurements(path).get(generation_key(model, batch_size), {})
+
+
+def record_decode_timings(model: tinyllm.TransformerModel, batch_size: int, timings: dict,
+                          record_path: Optional[tinyllm.PathLike] = None) -> None:
+    """Add `timings` to the record that `recorded_decode_timings` reads."""
+    key = generation_key(model, batch_size)
+    old = recorded_decode_timings(model, batch_size, record_path)
+    tinyllm_hooks.write_measurements(Path(record_path or tinyllm_hooks.MEASUREMENTS), key, {**old, **timings})

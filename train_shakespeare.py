@@ -9,9 +9,12 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import itertools
+import logging
 import os
 import re
 import signal
@@ -22,7 +25,8 @@ import urllib.request
 import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import List, Optional
+from statistics import median
+from typing import Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -144,7 +148,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="auto: CUDA, then MPS, then the CPU (default: auto)")
     g.add_argument("--dtype", choices=list(tinyllm.DTYPES), help="auto: measured on a CPU (default: auto)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the training step (default: where measuring shows it pays)")
+                   help="torch.compile the training step, or with --generate the one-token step "
+                   "(default: where measuring shows it pays)")
+    g.add_argument("--threads", type=int, help="CPU threads per process, as OMP_NUM_THREADS sets them; "
+                   "fewer on a busy machine (default: OMP_NUM_THREADS, else measured on a CPU)")
     g = p.add_argument_group("generation (and other uses of a trained model)")
     g.add_argument("--generate", action="store_true", help="stream a sample instead of training")
     g.add_argument("--evaluate", action="store_true", help="print the full validation loss on --data")
@@ -153,6 +160,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    "in memory; alone, write <checkpoint>.int8.pt")
     g.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     g.add_argument("--num-chars", type=int, default=500, help="how many tokens to generate (default: 500)")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="samples drawn at once, in one batch, each under its own header (default: 1)")
     g.add_argument("--temperature", type=float,
                    help=f"sampling temperature, also in training (default: {default('temperature')})")
     g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (1: greedy)")
@@ -222,48 +231,106 @@ def load_for_inference(args: argparse.Namespace) -> tinyllm.Checkpoint:
 
 
 def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, **options):
-    """The prompt (as the model sees it) and an iterator over the text generated after it."""
-    if args.num_chars <= 0:
-        raise tinyllm.TinyLLMError(f"--num-chars must be positive, got {args.num_chars}")
+    """The prompt (as the model sees it) and an iterator of (sample number, text piece) generated after it."""
+    for flag, value in (("--num-chars", args.num_chars), ("--num-samples", args.num_samples)):
+        if value <= 0:
+            raise tinyllm.TinyLLMError(f"{flag} must be positive, got {value}")
     if args.seed is not None and not 0 <= args.seed < 2**32:  # the range training accepts
         raise tinyllm.TinyLLMError(f"--seed must be in [0, 2**32), got {args.seed}")
     options.setdefault("stop", args.stop)
+    options.setdefault("num_samples", args.num_samples)
     config = checkpoint.config
     prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
     temperature = args.temperature if args.temperature is not None else config.temperature
-    pieces = tinyllm_inference.stream_text(checkpoint.model, checkpoint.tokenizer, args.prompt,
-                                           args.num_chars, temperature=temperature, top_k=args.top_k,
-                                           top_p=args.top_p, **prep, **options)
+    # Bad settings or a prompt with unseen characters fail now, before anything is printed.
+    tinyllm.check_sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+    tinyllm.encode_prompt(checkpoint.tokenizer, tinyllm.prepare_text(args.prompt, **prep))
+    pieces = tinyllm_inference.stream_samples(checkpoint.model, checkpoint.tokenizer, args.prompt,
+                                              args.num_chars, temperature=temperature, top_k=args.top_k,
+                                              top_p=args.top_p, **prep, **options)
     return tinyllm.prepare_text(args.prompt, **prep), pieces
 
 
+@contextlib.contextmanager
+def info_on_stderr(quiet: bool) -> Iterator[None]:
+    """The library's INFO lines on stderr (unless `quiet`), while generating: stdout carries the text."""
+    handler, level = logging.StreamHandler(sys.stderr), tinyllm.logger.level
+    if not quiet:
+        tinyllm.logger.addHandler(handler)
+        tinyllm.logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        tinyllm.logger.removeHandler(handler)
+        tinyllm.logger.setLevel(level)
+
+
 def generate(args: argparse.Namespace) -> None:
-    """Print the prompt, then each piece of the continuation as soon as it is generated."""
-    prompt, pieces = generation_stream(args, load_for_inference(args), seed=args.seed)
-    first = next(pieces, "")  # a bad prompt fails here, before anything is printed
-    print(prompt + first, end="", flush=True)
-    for piece in pieces:
-        print(piece, end="", flush=True)
-    print()
+    """Print the prompt, then each piece of the continuation as soon as it is generated; several
+    samples are printed one after another, each under its own header."""
+    checkpoint = load_for_inference(args)
+    generation_stream(args, checkpoint)  # checks the flags and the prompt
+    with info_on_stderr(args.quiet):  # which one-token step runs, and why
+        step = tinyllm_inference.choose_decode_step(checkpoint.model, tokens=args.num_chars,
+                                                    batch_size=args.num_samples, compile=args.compile)
+    prompt, pieces = generation_stream(args, checkpoint, seed=args.seed, decode_step=step)
+    if args.num_samples == 1:
+        print(prompt, end="", flush=True)
+        for _, piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        return
+    texts = [""] * args.num_samples
+    for number, piece in pieces:
+        texts[number] += piece
+    for number, text in enumerate(texts):
+        print(f"{'' if number == 0 else os.linesep}--- sample {number + 1} of {args.num_samples} ---")
+        print(prompt + text)
+
+
+def time_generation(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, seed: int, **options) -> tuple:
+    """(seconds to the first token, tokens/s over all of them) generating --num-chars tokens per sample;
+    stop strings play no part, so every run generates them all."""
+    start = time.perf_counter()
+    _, pieces = generation_stream(args, checkpoint, seed=seed, stop=(), **options)
+    next(pieces)
+    first = time.perf_counter() - start
+    collections.deque(pieces, maxlen=0)
+    return first, args.num_chars * args.num_samples / max(time.perf_counter() - start, 1e-9)
 
 
 def benchmark_generation(args: argparse.Namespace) -> None:
-    """Tokens/s generating --num-chars tokens with and without the KV cache (median of 3); stop
-    strings play no part, so every run generates them all."""
+    """Time to first token, and tokens/s without the KV cache, with it, and (unless --no-compile) with it
+    and a compiled one-token step, each the median of 3; the compiled step's compile time each time."""
     checkpoint = load_for_inference(args)
-    rates = {}
-    for use_cache in (True, False):
-        runs = []
+    model, batch = checkpoint.model, args.num_samples
+    results = {"uncached": [time_generation(args, checkpoint, seed, use_cache=False) for seed in range(3)],
+               "cached": [time_generation(args, checkpoint, seed) for seed in range(3)]}
+    compile_seconds = []
+    if args.compile is not False:
+        results["cached, compiled"] = []
         for seed in range(3):
-            _, pieces = generation_stream(args, checkpoint, seed=seed, use_cache=use_cache, stop=())
-            start = time.perf_counter()
-            "".join(pieces)
-            runs.append(args.num_chars / max(time.perf_counter() - start, 1e-9))
-        rates[use_cache] = sorted(runs)[1]
-    int8 = ", int8" if checkpoint.model.quantization else ""
-    print(f"{checkpoint.model.num_parameters():,} parameters{int8}, "
-          f"{args.num_chars} tokens: {rates[True]:,.0f} tokens/s with the KV cache, {rates[False]:,.0f} "
-          f"without; {rates[True] / rates[False]:.1f}x faster")
+            torch._dynamo.reset()  # so that each one compiles (from PyTorch's compile cache after the first)
+            step = tinyllm_inference.compile_decode_step(model)
+            first, step_seconds = tinyllm_inference.time_decode_step(model, step, batch)
+            compile_seconds.append(first)
+            results["cached, compiled"].append(time_generation(args, checkpoint, seed, decode_step=step))
+        tinyllm_inference.record_decode_timings(model, batch, {
+            "eager": tinyllm_inference.time_decode_step(model, model.logits, batch)[1],
+            "compiled": step_seconds, "compile seconds": compile_seconds[0],
+            "warm compile seconds": min(compile_seconds[1:])})
+    rate = {route: median(r[1] for r in runs) for route, runs in results.items()}
+    int8 = ", int8" if model.quantization else ""
+    print(f"{model.num_parameters():,} parameters{int8}, batch {batch}, {args.num_chars} tokens each "
+          f"(median of 3):")
+    for route, runs in results.items():
+        print(f"  {route:17} {rate[route]:9,.0f} tokens/s, first token after "
+              f"{1000 * median(r[0] for r in runs):.1f} ms")
+    print(f"  cached is {rate['cached'] / rate['uncached']:.1f}x uncached", end="")
+    if compile_seconds:
+        print(f"; compiled is {rate['cached, compiled'] / rate['cached']:.1f}x eager; compiling took "
+              f"{', '.join(f'{t:.1f}' for t in compile_seconds)} s", end="")
+    print()
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -436,6 +503,12 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     load_installed_plugins()  # before the flags, whose help lists the tokenizers and sizes
     args = parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for compile workers, and so none are measured
+        torch.set_num_threads(args.threads)
     world = tinyllm_hooks.world_from_environment()  # under torchrun, this process's place in the job
     code = run(args, world)
     if code and isinstance(world, tinyllm_hooks.DistributedWorld):
