@@ -494,11 +494,13 @@ def test_learning_rate_warms_up_holds_then_decays_to_a_tenth(tmp_path):
     assert rates[100] == pytest.approx(0.1) and rates[82] == pytest.approx(0.1 + 0.9 * (18 / 90) / 0.3)
 
 
-def test_a_time_budget_covers_the_whole_run(tmp_path):
-    config = tiny_config(tmp_path, time_budget=4.0, epochs=1000, val_frequency=50)
-    summary = tinyllm.Trainer(config, PLAY * 5, quiet=True).train()
+def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_rule(tmp_path):
+    config = tiny_config(tmp_path, time_budget=4.0, val_frequency=50)
+    summary = tinyllm.Trainer(config, PLAY, quiet=True).train()
     assert summary["stopped_because"] == "time_budget"
+    assert summary["epochs_completed"] > 10  # ten epochs would have ended it, were they set
     assert 2.0 < summary["elapsed_seconds"] < 6.0  # generous: this machine's timing is noisy
+    assert "no step limit, time budget 4 s" in (tmp_path / "out" / "tinyllm_training.log").read_text()
 
 
 def test_auto_dtype_is_float32_on_a_cpu_whatever_its_flags_say(monkeypatch):
@@ -927,3 +929,39 @@ def test_a_run_too_big_for_the_memory_is_refused_before_allocating_it(tmp_path, 
     with pytest.raises(TinyLLMError, match=r"this run needs at least [\d,.]+ GiB of memory .* more than the"):
         tinyllm.Trainer(tiny_config(tmp_path, **fields), PLAY, quiet=True)
     assert time.perf_counter() - started < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU (skipped without one)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # float16 runs with the gradient scaler
+def test_training_on_cuda_in_reduced_precision_lowers_the_loss(tmp_path, dtype):
+    config = tiny_config(tmp_path, device="cuda", dtype=dtype, max_steps=60, val_frequency=20)
+    summary = tinyllm.Trainer(config, PLAY * 3, quiet=True).train()
+    assert summary["device"].startswith("cuda") and summary["dtype"] == dtype
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+    assert math.isfinite(summary["full_val_loss"])
+
+
+@CUDA
+def test_a_cuda_checkpoint_loads_and_samples_on_the_cpu(tmp_path):
+    tinyllm.Trainer(tiny_config(tmp_path, device="cuda", max_steps=5), PLAY, quiet=True).train()
+    checkpoint = tinyllm.load_checkpoint(tmp_path / "out" / "best.pt", "cpu")
+    assert {p.device.type for p in checkpoint.model.parameters()} == {"cpu"}
+    text = tinyllm.sample_text(checkpoint.model, checkpoint.tokenizer, "romeo", 20, seed=1)
+    assert text.startswith("romeo") and len(text) == 25
+
+
+@CUDA
+def test_cached_generation_on_cuda_matches_full_recomputation_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # a Trainer on CUDA turns it on
+    model = tiny_model(13, 16, 2, 2, 16, seed=3).cuda()
+    idx = torch.randint(13, (2, 5), device="cuda")
+    cached = tinyllm.generate(model, idx, 40, top_k=1)
+    assert cached.device.type == "cuda"
+    assert torch.equal(cached, tinyllm.generate(model, idx, 40, top_k=1, use_cache=False))

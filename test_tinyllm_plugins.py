@@ -461,6 +461,29 @@ def test_without_matplotlib_a_run_says_how_to_get_the_plot_and_finishes(tmp_path
     assert "tinyllm[plot]" in caplog.text
 
 
+def test_a_budgeted_run_on_a_gpu_gets_a_batch_and_context_that_fill_it():
+    h200 = tinyllm_hooks.DeviceDescription("NVIDIA H200", 139.8)
+    small = tinyllm_hooks.DeviceDescription("GT", 4)
+    both = {"batch_size", "max_context"}
+    assert tinyllm_hooks.fill_the_device(h200, both) == (
+        {"batch_size": 128, "max_context": 256},
+        "NVIDIA H200 (140 GiB): batch_size 128 and max_context 256 chosen for a budgeted run, to keep the "
+        "GPU busy")
+    assert tinyllm_hooks.fill_the_device(tinyllm_hooks.DeviceDescription("T4", 15.6), both)[0] == {
+        "batch_size": 32, "max_context": 256}
+    assert tinyllm_hooks.fill_the_device(h200, {"max_context"})[0] == {"max_context": 256}  # the user's batch
+    assert tinyllm_hooks.fill_the_device(small, both) == ({}, "GT (4 GiB): batch and context as set")
+
+
+def test_progress_lines_of_a_run_that_only_its_time_budget_ends(tmp_path, caplog):
+    caplog.set_level("INFO", logger="tinyllm")
+    config = tiny_config(tmp_path, time_budget=2.0, val_frequency=10**6)
+    tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[tinyllm_hooks.ProgressLog(every=0.3)]).train()
+    lines = re.findall(r"step \d+ \((\d+)%\), epoch [\d.]+: train loss [\d.]+, [^;]+; \d+ s elapsed, "
+                       r"about \d+ s left", caplog.text)
+    assert len(lines) >= 4 and int(lines[-1]) >= 50, caplog.text  # no "of N steps": the budget ends it
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line, end to end
 
@@ -1051,6 +1074,20 @@ def test_a_training_run_whose_console_goes_away_finishes_quietly(tmp_path):
                         "--max-context", 32, "--max-steps", 30, "--val-frequency", 10, "--no-compile")
     assert close_the_reader(process) == "" and process.returncode in (0, 128 + signal.SIGPIPE)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 30
+
+
+def test_torchrun_with_more_processes_than_gpus_says_what_to_run_instead(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # this process keeps its SIGTERM handler
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    world = tinyllm_hooks.world_from_environment()
+    with pytest.raises(TinyLLMError) as error:
+        world.join(torch.device("cuda"))
+    assert train_shakespeare.in_flags(str(error.value)) == (
+        "torchrun started 2 processes on this machine, which has 1 GPU; start one per GPU (torchrun "
+        "--nproc_per_node=1), or train on the CPU with --device cpu (gloo)")
 
 
 def test_torchrun_benchmark_without_a_batch_per_process_ends_with_one_line(tmp_path):

@@ -287,7 +287,7 @@ class ModelConfig:
 class TrainingConfig:
     """Every setting of a training run; model fields left as None come from `model_size`."""
 
-    epochs: int = 10
+    epochs: Optional[int] = None  # None: 10, or as many as the time budget allows when there is one
     batch_size: int = 16
     learning_rate: float = 4e-3
     max_context: int = 128
@@ -1388,7 +1388,9 @@ class Trainer:
         self.val_batches = fixed_batches(self.val_ids, c.max_context, c.batch_size, c.val_batches, c.seed)
         batches = len(TokenWindows(train_ids, c.max_context)) // c.batch_size
         self.steps_per_epoch = max(1, batches // self.world.size)
-        self.total_steps = min(c.epochs * self.steps_per_epoch, c.max_steps or math.inf)
+        # Without `epochs`, a time budget is the stopping rule: the run does not end after ten passes.
+        self.epochs = c.epochs or (math.inf if c.time_budget else 10)
+        self.total_steps = min(self.epochs * self.steps_per_epoch, c.max_steps or math.inf)  # may be inf
         if model is None:
             model = TransformerModel.from_config(c, self.tokenizer.vocab_size)
         self.model = model.to(self.device)
@@ -1509,9 +1511,10 @@ class Trainer:
         logger.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."),
                     self.dtype_reason)
         per_process = f" per process x {self.world.size} processes = {c.batch_size * self.world.size}"
-        logger.info("batch %d%s, %d steps per epoch, at most %d steps%s", c.batch_size,
-                    per_process if self.world.size > 1 else "", self.steps_per_epoch, self.total_steps,
-                    f", time budget {c.time_budget:g} s" if c.time_budget else "")
+        limit = f"at most {self.total_steps} steps" if self.total_steps < math.inf else "no step limit"
+        budget = f", time budget {c.time_budget:g} s" if c.time_budget else ""
+        logger.info("batch %d%s, %d steps per epoch, %s%s", c.batch_size,
+                    per_process if self.world.size > 1 else "", self.steps_per_epoch, limit, budget)
 
     def _loop(self) -> str:
         """Train until epochs, max_steps, the time budget, early stopping or a stop request ends it."""
@@ -1526,7 +1529,7 @@ class Trainer:
 
     def _run_epochs(self) -> str:
         c, state = self.config, self.state
-        while state.epoch < c.epochs:
+        while state.epoch < self.epochs:
             if state.batch_in_epoch == 0:
                 state.epoch_rng_state = self.generator.get_state()
             self.generator.set_state(state.epoch_rng_state)  # resuming mid-epoch replays its shuffle

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,13 @@ class DistributedWorld(tinyllm.World):
             signal.signal(signal.SIGTERM, self._terminated)
 
     def join(self, device: torch.device) -> torch.device:
-        if device.type == "cuda":
+        if device.type == "cuda":  # every process checks, so all of them stop at once
+            processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+            if processes > gpus:
+                raise tinyllm.TinyLLMError(
+                    f"torchrun started {processes} processes on this machine, which has {gpus} GPU"
+                    f"{'' if gpus == 1 else 's'}; start one per GPU (torchrun --nproc_per_node={gpus}), "
+                    "or train on the CPU with `device` cpu (gloo)")
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
@@ -477,6 +483,50 @@ class ModelFlopsUtilization(tinyllm.Callback):
 
 
 # ----------------------------------------------------------------------------------------------
+# A GPU's batch and context for a budgeted run
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceDescription:
+    """What the batch and context chosen for a GPU depend on."""
+
+    name: str
+    memory_gib: float
+
+
+def describe_cuda(device: torch.device) -> DeviceDescription:
+    properties = torch.cuda.get_device_properties(device)
+    return DeviceDescription(properties.name, properties.total_memory / 2**30)
+
+
+# (GiB of memory at least, batch size), with context 256 as in nanoGPT's Shakespeare recipe: a GPU runs
+# a step of the CPU's 16 x 128 tokens in about the time of one many times larger, so those leave it
+# idle. Chosen from the memory alone; not yet tuned on a GPU here.
+GPU_BATCHES, GPU_CONTEXT = ((40.0, 128), (16.0, 64), (8.0, 32)), 256
+
+
+def fill_the_device(device: DeviceDescription, unset: Set[str]) -> Tuple[dict, str]:
+    """The batch size and context for a budgeted run on `device`, of those two fields the ones in
+    `unset` (the user's own settings stand); and a line for the log that says why."""
+    batch = next((batch for memory, batch in GPU_BATCHES if device.memory_gib >= memory), None)
+    wanted = {"batch_size": batch, "max_context": GPU_CONTEXT} if batch else {}
+    chosen = {name: value for name, value in wanted.items() if name in unset}
+    said = " and ".join(f"{name} {value}" for name, value in chosen.items())
+    return chosen, f"{device.name} ({device.memory_gib:.0f} GiB): " + (
+        f"{said} chosen for a budgeted run, to keep the GPU busy" if chosen else "batch and context as set")
+
+
+class LogLine(tinyllm.Callback):
+    """A line of the caller's for the run's log, written as the run starts."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def on_start(self, trainer: tinyllm.Trainer) -> None:
+        logger.info("%s", self.line)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loss plot and the progress bar
 
 
@@ -618,7 +668,8 @@ class ProgressBar(tinyllm.Callback):
 
     def on_start(self, trainer: tinyllm.Trainer) -> None:
         if trainer.run_dir.main:
-            self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, unit="step",
+            total = trainer.total_steps if trainer.total_steps < math.inf else None  # a budget ends it
+            self.bar = tqdm(total=total, initial=trainer.state.step, unit="step",
                             dynamic_ncols=True)
             trainer.run_dir.console.setStream(_AboveTheBar())
 
@@ -674,9 +725,11 @@ class ProgressLog(tinyllm.Callback):
         # The first step's time is kept out of the training time, so right after it there is no rate yet.
         rate = f"{state.tokens_seen / seconds:,.0f} tokens/s" if seconds > 0.5 else "no tokens/s yet"
         left = c.time_budget - elapsed if c.time_budget else elapsed * (1 - progress) / max(progress, 1e-9)
-        logger.info("step %d of %d (%.0f%%), epoch %.2f of %d: train loss %.4f, %s; %s elapsed, about %s "
-                    "left", state.step, trainer.total_steps, 100 * progress, epoch, c.epochs, loss, rate,
-                    duration(elapsed), duration(left))
+        of_steps = f" of {trainer.total_steps}" if trainer.total_steps < math.inf else ""
+        of_epochs = f" of {trainer.epochs}" if trainer.epochs < math.inf else ""
+        logger.info("step %d%s (%.0f%%), epoch %.2f%s: train loss %.4f, %s; %s elapsed, about %s left",
+                    state.step, of_steps, 100 * progress, epoch, of_epochs, loss, rate, duration(elapsed),
+                    duration(left))
 
     @staticmethod
     def _progress(trainer: tinyllm.Trainer) -> float:

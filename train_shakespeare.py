@@ -95,7 +95,8 @@ def default(field: str) -> str:
     """A TrainingConfig field's default, for --help."""
     value = {f.name: f.default for f in dataclasses.fields(tinyllm.TrainingConfig)}[field]
     if value is None:
-        return "from --size" if field in tinyllm.MODEL_FIELDS else "none"
+        return ("from --size" if field in tinyllm.MODEL_FIELDS else
+                "10, or no limit with --time-budget" if field == "epochs" else "none")
     return str(value)
 
 
@@ -168,6 +169,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     g.add_argument("--top-p", type=float, help="sample only from the most likely tokens holding this mass")
     g.add_argument("--stop", action="append", default=[], help="end before this string (repeatable)")
     return p.parse_args(argv)
+
+
+def fields_given(args: argparse.Namespace) -> set:
+    """The TrainingConfig fields that the flags or the --config file set."""
+    from_file = tinyllm.read_json(args.config, "config") if args.config else {}
+    return {field for flag, field in CONFIG_FLAGS.items() if getattr(args, flag) is not None} | set(from_file)
 
 
 def build_config(args: argparse.Namespace) -> tinyllm.TrainingConfig:
@@ -484,13 +491,19 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
                                         compile=args.compile)
     else:
         config = build_config(args)
+    device, callbacks = tinyllm.resolve_device(config.device), tinyllm_hooks.standard_callbacks(
+        progress_bar=sys.stdout.isatty() and not args.quiet)
+    if device.type == "cuda" and config.time_budget and not args.resume:  # a larger batch fills a GPU
+        unset = {"batch_size", "max_context"} - fields_given(args)
+        chosen, why = tinyllm_hooks.fill_the_device(tinyllm_hooks.describe_cuda(device), unset)
+        config = dataclasses.replace(config, **chosen)
+        callbacks.insert(0, tinyllm_hooks.LogLine(why))
     # Under torchrun, process 0 downloads the text while the others wait for it.
-    world.join(tinyllm.resolve_device(config.device))
+    world.join(device)
     if world.rank == 0 and not args.data:
         shakespeare_text(DEFAULT_DATA)
     world.barrier()
     text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
-    callbacks = tinyllm_hooks.standard_callbacks(progress_bar=sys.stdout.isatty() and not args.quiet)
     trainer = tinyllm.Trainer(config, text, callbacks=callbacks, world=world, quiet=args.quiet,
                               overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
