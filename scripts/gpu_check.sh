@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One command for a contributor with a CUDA GPU: the device, the test suite, a 180-s training run on
+# raw Tiny Shakespeare with its summary numbers, and the generation benchmark. Offline: it reads the
+# text from data/shakespeare.txt, or from ../shared/data/tinyshakespeare.txt beside the project, or
+# from $TINYLLM_DATA. Needs only a CUDA build of PyTorch with numpy and tqdm (pytest and hypothesis
+# for the suite, which is skipped with a note where they are missing). About 7 minutes on one H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python}"
+out="${GPU_CHECK_OUT:-out/gpu_check}"
+
+echo "== device"
+"$python" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU visible to PyTorch"
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} GPU(s); torch {torch.__version__}, CUDA {torch.version.cuda}")' || exit 1
+
+data=""
+for candidate in "${TINYLLM_DATA:-}" data/shakespeare.txt ../shared/data/tinyshakespeare.txt; do
+    if [ -n "$candidate" ] && [ -f "$candidate" ]; then data="$candidate"; break; fi
+done
+if [ -z "$data" ]; then
+    echo "error: no Tiny Shakespeare text found; put it at data/shakespeare.txt or set TINYLLM_DATA" >&2
+    exit 2
+fi
+
+echo "== test suite"
+if "$python" -c 'import pytest, hypothesis' 2>/dev/null; then
+    "$python" -m pytest -q -p no:warnings -rs
+    suite=$?
+else
+    echo "skipped: pytest and hypothesis are not installed (pip install pytest hypothesis)"
+    suite=0
+fi
+
+echo "== 180-s run: --size medium on raw Tiny Shakespeare ($data)"
+"$python" train_shakespeare.py --data "$data" --size medium --time-budget 180 --out-dir "$out" --overwrite \
+    --quiet
+run=$?
+"$python" - "$out/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"full_val_loss {s['full_val_loss']:.4f}, {s['tokens_per_second']:,.0f} tokens/s, "
+      f"MFU {100 * s.get('mfu', 0):.1f}%, {s['elapsed_seconds']:.0f} s, {s['steps']} steps, "
+      f"stopped by {s['stopped_because']}, dtype {s['dtype']}")
+PY
+
+echo "== generation benchmark: the model just trained, 1,000 tokens"
+"$python" train_shakespeare.py --generate --benchmark --checkpoint "$out/best.pt" --num-chars 1000
+generation=$?
+
+echo "== exit codes: suite $suite, training $run, generation $generation"
+[ "$suite" -eq 0 ] && [ "$run" -eq 0 ] && [ "$generation" -eq 0 ]
