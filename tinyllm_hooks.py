@@ -724,12 +724,16 @@ class ProgressLog(tinyllm.Callback):
         epoch = state.step / trainer.steps_per_epoch  # in whole and part epochs, as a reader counts them
         # The first step's time is kept out of the training time, so right after it there is no rate yet.
         rate = f"{state.tokens_seen / seconds:,.0f} tokens/s" if seconds > 0.5 else "no tokens/s yet"
-        left = c.time_budget - elapsed if c.time_budget else elapsed * (1 - progress) / max(progress, 1e-9)
+        timed_steps = state.step - trainer.first_step  # the steps that train_seconds counts
+        if c.time_budget:
+            left = f", about {duration(c.time_budget - elapsed)} left"
+        else:  # from the pace of the steps so far, not the time before them (measuring, compiling)
+            left = f", about {duration((trainer.total_steps - state.step) * seconds / timed_steps)} left" \
+                if timed_steps > 0 else ""
         of_steps = f" of {trainer.total_steps}" if trainer.total_steps < math.inf else ""
         of_epochs = f" of {trainer.epochs}" if trainer.epochs < math.inf else ""
-        logger.info("step %d%s (%.0f%%), epoch %.2f%s: train loss %.4f, %s; %s elapsed, about %s left",
-                    state.step, of_steps, 100 * progress, epoch, of_epochs, loss, rate, duration(elapsed),
-                    duration(left))
+        logger.info("step %d%s (%.0f%%), epoch %.2f%s: train loss %.4f, %s; %s elapsed%s", state.step,
+                    of_steps, 100 * progress, epoch, of_epochs, loss, rate, duration(elapsed), left)
 
     @staticmethod
     def _progress(trainer: tinyllm.Trainer) -> float:
