@@ -495,12 +495,30 @@ def test_learning_rate_warms_up_holds_then_decays_to_a_tenth(tmp_path):
 
 
 def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_rule(tmp_path):
-    config = tiny_config(tmp_path, time_budget=4.0, val_frequency=50)
+    config = tiny_config(tmp_path, time_budget=3.0, val_frequency=50)
     summary = tinyllm.Trainer(config, PLAY, quiet=True).train()
     assert summary["stopped_because"] == "time_budget"
     assert summary["epochs_completed"] > 10  # ten epochs would have ended it, were they set
-    assert 2.0 < summary["elapsed_seconds"] < 6.0  # generous: this machine's timing is noisy
-    assert "no step limit, time budget 4 s" in (tmp_path / "out" / "tinyllm_training.log").read_text()
+    assert 1.5 < summary["elapsed_seconds"] < 4.5  # generous: this machine's timing is noisy
+    assert "no step limit, time budget 3 s" in (tmp_path / "out" / "tinyllm_training.log").read_text()
+
+
+def test_the_final_evaluation_of_a_large_split_scores_a_seeded_choice_of_whole_windows(tmp_path):
+    model, ids = tiny_model(), torch.randint(11, (16 * 50 + 1,))  # 50 windows of max_context 16
+    assert tinyllm.scored_tokens(len(ids), 16, None) == tinyllm.scored_tokens(len(ids), 16, 800) == 800
+    assert tinyllm.scored_tokens(len(ids), 16, 170) == 160 and tinyllm.scored_tokens(len(ids), 16, 3) == 16
+    part = tinyllm.evaluate_full(model, ids, 8, max_tokens=170, seed=3)
+    assert part == tinyllm.evaluate_full(model, ids, 8, max_tokens=170, seed=3)  # the same windows
+    assert part != tinyllm.evaluate_full(model, ids, 8)
+    windows = TokenWindows(ids, 16)
+    chosen = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:10].tolist()
+    with torch.no_grad():
+        by_hand = sum(model(*windows[[i]])[1].item() for i in chosen) / 10
+    assert part == pytest.approx(by_hand, rel=1e-5)
+    config = tiny_config(tmp_path, max_steps=2, full_val_tokens=64)
+    summary = tinyllm.Trainer(config, PLAY * 3, quiet=True).train()
+    assert summary["full_val_tokens"] == 64
+    assert "the final evaluation scores 64 of the" in (tmp_path / "out" / "tinyllm_training.log").read_text()
 
 
 def test_auto_dtype_is_float32_on_a_cpu_whatever_its_flags_say(monkeypatch):
@@ -856,9 +874,6 @@ def test_the_core_alone_in_an_empty_folder_trains_and_samples(tmp_path):
                                                           "tinyllm.py"]
     run_files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"best.pt", "last.pt", "metrics.csv", "summary.json"} <= run_files
-    result = subprocess.run([sys.executable, "-E", "-m", "tinyllm"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)  # the command line is not there
-    assert result.returncode == 2 and "put that file beside tinyllm.py" in result.stderr
 
 
 def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):

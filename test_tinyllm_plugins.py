@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import runpy
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 
 import tinyllm
 import tinyllm_bpe
+import tinyllm_data
 import tinyllm_hooks
 import tinyllm_inference
 import train_shakespeare
@@ -232,6 +234,67 @@ def test_download_failure_says_where_to_put_the_file(file_server, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# tinyllm_data: folders of files, held-out documents
+
+
+def test_a_folder_is_read_in_sorted_order_through_its_patterns_skipping_what_is_not_text(tmp_path):
+    for name, content in [("z.py", b"z = 1\n"), ("a/b.py", b"def b():\n    return 2\n"), ("a/c.txt", b"c"),
+                          ("sub/dir/d.py", b"d = 4\n"), (".git/x.py", b"hidden"), ("bin.py", b"\x00\x01"),
+                          ("latin.py", "\xe9t\xe9".encode("latin-1")), ("empty.py", b"")]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    documents = tinyllm_data.read_documents([tmp_path], include=["*.py"])
+    assert [p.relative_to(tmp_path).as_posix() for p in documents.paths] == ["a/b.py", "sub/dir/d.py", "z.py"]
+    assert documents.texts[0] == "def b():\n    return 2\n"  # as it is: the indentation stays
+    assert [p.name for p, _ in documents.skipped] == ["bin.py", "empty.py", "latin.py"]
+    assert documents.describe().startswith("3 files read (34 characters); 3 skipped as not UTF-8 text or "
+                                           f"empty, e.g. {tmp_path / 'bin.py'} (looks binary")
+    everything = tinyllm_data.read_documents([tmp_path, tmp_path / "z.py"])  # several paths, in order
+    assert len(everything.texts) == 5 and everything.paths[-1] == tmp_path / "z.py"
+    with pytest.raises(TinyLLMError, match="looks binary"):  # a file named directly must be text
+        tinyllm_data.read_documents([tmp_path / "bin.py"])
+    with pytest.raises(TinyLLMError, match=r"no UTF-8 text files matching \*.rs in .*; check --data"):
+        tinyllm_data.read_documents([tmp_path], include=["*.rs"])
+
+
+def test_validation_holds_out_whole_documents_by_a_seeded_choice():
+    texts = [f"document {i}\n" * (i + 1) for i in range(20)]
+    documents = tinyllm_data.Documents([Path(f"{i}.txt") for i in range(20)], texts)
+    train, val, said = tinyllm_data.training_texts(documents, val_fraction=0.1, seed=1)
+    end = tinyllm_data.DOCUMENT_END
+    pieces = [piece + end for piece in (train + val).split(end)[:-1]]
+    assert sorted(pieces) == sorted(t + end for t in texts)  # every document once, whole, ended
+    assert 0.1 <= len(val) / (len(train) + len(val)) < 0.3 and "files held out whole" in said
+    assert tinyllm_data.training_texts(documents, val_fraction=0.1, seed=1)[1] == val
+    assert tinyllm_data.training_texts(documents, val_fraction=0.1, seed=2)[1] != val
+    one = tinyllm_data.Documents([Path("a.txt")], ["just one text"])
+    assert tinyllm_data.training_texts(one, val_fraction=0.1, seed=1) == (
+        "just one text", None, "validation: the last 10% of the text")  # a single file: as before
+    apart = tinyllm_data.training_texts(one, val_fraction=0.1, seed=1, val_documents=documents)
+    assert apart[0] == "just one text" and apart[1].count(end) == 20
+
+
+def test_cli_trains_on_a_folder_and_says_what_it_held_out(tmp_path, cli):
+    for i in range(8):
+        (tmp_path / "code" / f"m{i}.py").parent.mkdir(exist_ok=True)
+        (tmp_path / "code" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 30)
+    (tmp_path / "code" / "notes.md").write_text("not code")
+    out = tmp_path / "out"
+    result = cli("--data", tmp_path / "code", "--include", "*.py", "--size", "tiny", "--max-context", 16,
+                 "--batch-size", 4, "--max-steps", 4, "--val-frequency", 2, "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "summary.json").read_text())["data"]
+    assert data["read"] == "8 files read (6,720 characters)"  # 28 characters x 30 lines x 8 files
+    held_out = "validation: 1 of 8 files held out whole (841 characters, seed 1337), e.g. "
+    assert data["validation"].startswith(held_out)
+    log = (out / "tinyllm_training.log").read_text()
+    assert "data: 8 files read" in log and "held out whole" in log
+    result = cli("--evaluate", "--checkpoint", out / "best.pt", "--data", tmp_path / "code", "--include",
+                 "*.py")  # the same files held out
+    assert result.returncode == 0 and "on 840 tokens" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # tinyllm_inference: streamed text and int8 weights
 
 
@@ -397,6 +460,19 @@ def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pa
     assert "torch.compile off: 0.1500 s per step against 0.1000 eager" in caplog.text
 
 
+def test_a_compiled_step_once_measured_slower_is_timed_again_in_a_long_enough_run(measured, caplog):
+    slower = {("float32", False): 0.20, ("bfloat16", False): 0.26, ("float32", True): 0.30,
+              ("bfloat16", True): 0.40}
+    trainer, calls = measured(slower, time_budget=200.0)
+    assert trainer.train_model is trainer.eager_model  # measured: compiling loses
+    faster = {**slower, ("float32", True): 0.12}  # that timing met a slow moment of the machine
+    trainer, calls = measured(faster, time_budget=90.0)  # twenty re-checks (warm: 5 s each) cost more
+    assert trainer.train_model is trainer.eager_model and calls == []
+    trainer, calls = measured(faster, time_budget=200.0)
+    assert isinstance(trainer.train_model, tinyllm_hooks.EagerFallback)
+    assert "measured slower before (0.3000 s per step against 0.2000 eager); timing it again" in caplog.text
+
+
 def test_a_short_run_is_not_measured_and_a_broken_record_is_ignored(measured, tmp_path, caplog):
     (tmp_path / "measurements.json").write_text('{"some cpu": {"float32": "fast"}}')
     trainer, calls = measured({("float32", False): 0.01}, max_steps=100)  # about 1 s of training
@@ -477,7 +553,7 @@ def test_a_budgeted_run_on_a_gpu_gets_a_batch_and_context_that_fill_it():
 
 def test_progress_lines_of_a_run_that_only_its_time_budget_ends(tmp_path, caplog):
     caplog.set_level("INFO", logger="tinyllm")
-    config = tiny_config(tmp_path, time_budget=2.0, val_frequency=10**6)
+    config = tiny_config(tmp_path, time_budget=1.5, val_frequency=10**6)
     tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[tinyllm_hooks.ProgressLog(every=0.3)]).train()
     lines = re.findall(r"step \d+ \((\d+)%\), epoch [\d.]+: train loss [\d.]+, [^;]+; \d+ s elapsed, "
                        r"about \d+ s left", caplog.text)
@@ -606,13 +682,26 @@ def test_cli_threads_sets_the_thread_count_as_omp_num_threads_does(cli, tmp_path
     assert calls == [1] and os.environ["OMP_NUM_THREADS"] == "1"  # which MeasuredSettings leaves alone
 
 
+def test_python_m_tinyllm_is_the_command_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["tinyllm", "--threads", "0"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("tinyllm", run_name="__main__")
+    assert exit.value.code == 2 and capsys.readouterr().err == "error: --threads must be at least 1, got 0\n"
+    real_find_spec = importlib.util.find_spec  # and without train_shakespeare.py beside it:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "train_shakespeare"
+                        else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module("tinyllm", run_name="__main__")
+    assert exit.value.code == 2 and "put that file beside tinyllm.py" in capsys.readouterr().err
+
+
 def test_cli_generation_benchmark_times_a_compiled_step(trained_run, cli, monkeypatch):
     real_compile = torch.compile  # graph capture without inductor's C++ compiler, which takes long here
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
-    result = cli("--generate", "--benchmark", "--out-dir", trained_run[0] / "out", "--num-chars", 20,
+    result = cli("--generate", "--benchmark", "--out-dir", trained_run[0] / "out", "--num-chars", 10,
                  "--num-samples", 2)
     assert result.returncode == 0, result.stderr
-    assert "batch 2, 20 tokens each" in result.stdout and "cached, compiled" in result.stdout
+    assert "batch 2, 10 tokens each" in result.stdout and "cached, compiled" in result.stdout
     assert "compiled is" in result.stdout and "compiling took" in result.stdout
 
 
@@ -743,9 +832,6 @@ def test_pip_install_gives_a_tinyllm_command_and_a_version(tmp_path):
                             text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "--time-budget" in result.stdout, result.stderr
     assert "(default: 1337)" in result.stdout  # defaults are shown
-    result = subprocess.run([sys.executable, "-m", "tinyllm", "--threads", "0"], capture_output=True,
-                            text=True, env=env, cwd=tmp_path, timeout=120)  # the same command line
-    assert result.returncode == 2 and result.stderr == "error: --threads must be at least 1, got 0\n"
     metadata = next((tmp_path / "site").glob("tinyllm-*.dist-info")) / "METADATA"
     assert f"Version: {tinyllm.__version__}" in metadata.read_text()
 
@@ -877,7 +963,7 @@ BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line mu
     (["--data", "binary.bin", "--overwrite"], "looks binary"),
     (["--data", "latin1.txt", "--overwrite"], "is not UTF-8"),
     (["--data", "short.txt", "--overwrite"], "use more text or a smaller --max-context"),  # a flag
-    (["--data", ".", "--overwrite"], "is a directory"),
+    (["--data", "out", "--include", "*.md", "--overwrite"], "no UTF-8 text files matching *.md in out"),
     (["--data", "play.txt", "--out-dir", "play.txt"], "cannot create output directory"),
     (["--data", "play.txt", "--config", "not_json.json", "--overwrite"], "not valid JSON"),
     (["--data", "play.txt", "--config", "unknown_key.json", "--overwrite"], "unknown key(s) colour"),

@@ -47,9 +47,9 @@ __all__ = [  # the last seven live in plug-in modules and are imported from ther
     "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text", "load_text",
     "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches", "TransformerModel",
     "KVCache", "check_sampling", "generate", "generate_tokens", "encode_prompt", "sample_text",
-    "evaluate_full", "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState",
-    "RunClock", "RunDirectory", "Callback", "World", "Trainer", "BytePairTokenizer", "stream_text",
-    "Int8Linear", "quantize_int8", "plot_losses", "TrainingInterrupted"]
+    "scored_tokens", "evaluate_full", "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint",
+    "RunState", "RunClock", "RunDirectory", "Callback", "World", "Trainer", "BytePairTokenizer",
+    "stream_text", "Int8Linear", "quantize_int8", "plot_losses", "TrainingInterrupted"]
 PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "merge_pair": "tinyllm_bpe",
                 "stream_text": "tinyllm_inference", "Int8Linear": "tinyllm_inference",
                 "quantize_int8": "tinyllm_inference",
@@ -289,7 +289,7 @@ class TrainingConfig:
 
     epochs: Optional[int] = None  # None: 10, or as many as the time budget allows when there is one
     batch_size: int = 16
-    learning_rate: float = 4e-3
+    learning_rate: float = 2e-3
     max_context: int = 128
     val_frequency: int = 500
     checkpoint_frequency: int = 500  # last.pt every this many steps, so a crash loses no more
@@ -313,6 +313,7 @@ class TrainingConfig:
     warmup_steps: int = 100
     early_stopping_patience: Optional[int] = None
     val_batches: int = 20
+    full_val_tokens: Optional[int] = 2_000_000  # the final score's most tokens (seeded windows); None: all
     max_steps: Optional[int] = None
     time_budget: Optional[float] = None
     device: str = "auto"
@@ -324,7 +325,7 @@ class TrainingConfig:
 
     POSITIVE = ("epochs", "batch_size", "learning_rate", "max_context", "val_frequency",
                 "checkpoint_frequency", "sample_frequency", "temperature", "n_layer", "n_head", "n_embd",
-                "val_batches", "sample_length", "max_steps", "time_budget", "grad_clip",
+                "val_batches", "full_val_tokens", "sample_length", "max_steps", "time_budget", "grad_clip",
                 "early_stopping_patience", "vocab_size")
 
     def __post_init__(self) -> None:
@@ -840,16 +841,29 @@ def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, leng
     return prompt + tokenizer.decode(new_ids.tolist())
 
 
+def scored_tokens(n_ids: int, context: int, max_tokens: Optional[int]) -> int:
+    """How many of `n_ids` tokens' successors `evaluate_full` scores: all, or whole windows holding at
+    most `max_tokens` (at least one window)."""
+    if max_tokens is None or n_ids - 1 <= max_tokens:
+        return n_ids - 1
+    return max(1, max_tokens // context) * context
+
+
 @torch.no_grad()
 def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
-                  autocast: Callable = contextlib.nullcontext) -> float:
-    """Mean loss per token over ALL of `ids`, cut into non-overlapping windows of max_context."""
+                  autocast: Callable = contextlib.nullcontext, *, max_tokens: Optional[int] = None,
+                  seed: int = 0) -> float:
+    """Mean loss per token over ALL of `ids`, cut into non-overlapping windows of max_context; where
+    they hold over `max_tokens` tokens, over a seeded choice of those windows holding that many."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     windows = TokenWindows(ids, model.max_context)
-    tail = ids[len(windows) * model.max_context:]  # the last, shorter window
-    batches = (windows[list(range(start, min(start + batch_size, len(windows))))]
-               for start in range(0, len(windows), batch_size))
+    chosen, tail = range(len(windows)), ids[len(windows) * model.max_context:]  # tail: a shorter window
+    scored = scored_tokens(len(ids), model.max_context, max_tokens)
+    if scored < len(ids) - 1:  # the same windows every time
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+        chosen, tail = sorted(order[:scored // model.max_context].tolist()), tail[:0]
+    batches = (windows[list(chosen[start:start + batch_size])] for start in range(0, len(chosen), batch_size))
     total, count = torch.zeros((), device=device), 0
     for x, y in itertools.chain(batches, [(tail[None, :-1], tail[None, 1:])] if len(tail) > 1 else []):
         with autocast():
@@ -1359,6 +1373,35 @@ def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) 
                            "`val_batches`")
 
 
+def log_run_start(trainer: Trainer) -> None:
+    """The first lines of a run's log: the text, the tokens, the model, the device and the batch."""
+    c, m, state = trainer.config, trainer.model.config, trainer.state
+    done = " and ".join(what for what, asked in (("lowercased", c.lowercase),
+                                                 ("whitespace tidied", c.normalize_whitespace)) if asked)
+    logger.info("text: %s characters, %s", f"{trainer.text_chars[0]:,}",
+                f"{done}: {trainer.text_chars[1]:,} characters" if done else "kept as it is")
+    logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
+                len(trainer.train_ids), len(trainer.val_ids), trainer.tokenizer.vocab_size, c.tokenizer)
+    if trainer.resumed_at is not None:
+        logger.info("resumed from %s at step %d (epoch %d, batch %d of it)",
+                    trainer.run_dir.path / "last.pt", state.step, state.epoch, state.batch_in_epoch)
+    elif c.init_from:
+        logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, trainer.added_tokens)
+    logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size,
+                m.n_layer, m.n_head, m.n_embd, m.max_context, f"{trainer.model.num_parameters():,}")
+    if trainer.full_val_tokens < len(trainer.val_ids) - 1:
+        logger.info("the final evaluation scores %s of the %s validation tokens, a seeded choice of "
+                    "windows (`full_val_tokens`)", f"{trainer.full_val_tokens:,}",
+                    f"{len(trainer.val_ids) - 1:,}")
+    logger.info("device %s, dtype %s (%s)", trainer.device, str(trainer.dtype).removeprefix("torch."),
+                trainer.dtype_reason)
+    per_process = f" per process x {trainer.world.size} processes = {c.batch_size * trainer.world.size}"
+    limit = f"at most {trainer.total_steps} steps" if trainer.total_steps < math.inf else "no step limit"
+    budget = f", time budget {c.time_budget:g} s" if c.time_budget else ""
+    logger.info("batch %d%s, %d steps per epoch, %s%s", c.batch_size,
+                per_process if trainer.world.size > 1 else "", trainer.steps_per_epoch, limit, budget)
+
+
 class Trainer:
     """One training run: `Trainer(config, text).train()` returns the summary (also summary.json). A
     model, a tokenizer and validation text may be handed in; plug-ins attach as `callbacks`, and a
@@ -1386,6 +1429,7 @@ class Trainer:
         check_memory(c, self.tokenizer.vocab_size, self.device)
         self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
         self.val_batches = fixed_batches(self.val_ids, c.max_context, c.batch_size, c.val_batches, c.seed)
+        self.full_val_tokens = scored_tokens(len(val_ids), c.max_context, c.full_val_tokens)  # at the end
         batches = len(TokenWindows(train_ids, c.max_context)) // c.batch_size
         self.steps_per_epoch = max(1, batches // self.world.size)
         # Without `epochs`, a time budget is the stopping rule: the run does not end after ten passes.
@@ -1479,9 +1523,9 @@ class Trainer:
         try:
             self.world.barrier()  # every process has checked the out-dir before the first writes to it
             self.run_dir.open(self.config, self.tokenizer, resumed_at=self.resumed_at, quiet=self.quiet)
-            self._log_start()
+            log_run_start(self)
             c = self.config  # from here on the time counts, against a time budget too
-            final = len(self.val_ids) + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
+            final = self.full_val_tokens + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
             self.clock = RunClock(c.time_budget, final, self.state)
             self._hook("on_start")
             return self._finish(self._loop())
@@ -1492,29 +1536,6 @@ class Trainer:
         """Call `name` on every callback; return their notes for the log line, each after a comma."""
         notes = [getattr(callback, name)(self, *args) for callback in self.callbacks]
         return "".join(f", {note}" for note in notes if note)
-
-    def _log_start(self) -> None:
-        c, m, state = self.config, self.model.config, self.state
-        done = " and ".join(what for what, asked in (("lowercased", c.lowercase),
-                                                     ("whitespace tidied", c.normalize_whitespace)) if asked)
-        logger.info("text: %s characters, %s", f"{self.text_chars[0]:,}",
-                    f"{done}: {self.text_chars[1]:,} characters" if done else "kept as it is")
-        logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
-                    len(self.train_ids), len(self.val_ids), self.tokenizer.vocab_size, c.tokenizer)
-        if self.resumed_at is not None:
-            logger.info("resumed from %s at step %d (epoch %d, batch %d of it)",
-                        self.run_dir.path / "last.pt", state.step, state.epoch, state.batch_in_epoch)
-        elif c.init_from:
-            logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, self.added_tokens)
-        logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size,
-                    m.n_layer, m.n_head, m.n_embd, m.max_context, f"{self.model.num_parameters():,}")
-        logger.info("device %s, dtype %s (%s)", self.device, str(self.dtype).removeprefix("torch."),
-                    self.dtype_reason)
-        per_process = f" per process x {self.world.size} processes = {c.batch_size * self.world.size}"
-        limit = f"at most {self.total_steps} steps" if self.total_steps < math.inf else "no step limit"
-        budget = f", time budget {c.time_budget:g} s" if c.time_budget else ""
-        logger.info("batch %d%s, %d steps per epoch, %s%s", c.batch_size,
-                    per_process if self.world.size > 1 else "", self.steps_per_epoch, limit, budget)
 
     def _loop(self) -> str:
         """Train until epochs, max_steps, the time budget, early stopping or a stop request ends it."""
@@ -1642,12 +1663,15 @@ class Trainer:
             return {}
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
-        full_val_loss = evaluate_full(self.model, self.val_ids, self.config.batch_size, self.autocast)
+        c = self.config
+        full_val_loss = evaluate_full(self.model, self.val_ids, c.batch_size, self.autocast,
+                                      max_tokens=c.full_val_tokens, seed=c.seed)
         sample = self._sample(f"the end, from the best model (step {self.best_step})")
         tokens_per_second = state.tokens_seen / max(train_seconds, 1e-9)
         summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
                    "full_val_loss": full_val_loss,
                    "full_val_bits_per_char": bits_per_char(full_val_loss, len(self.val_ids), self.val_chars),
+                   "full_val_tokens": self.full_val_tokens,
                    "steps": state.step, "epochs_completed": state.epoch, "tokens_seen": state.tokens_seen,
                    "tokens_per_second": round(tokens_per_second, 1),
                    "elapsed_seconds": round(self.clock.elapsed(), 3),

@@ -159,6 +159,7 @@ MEASUREMENTS = CACHE / "tinyllm" / "measurements.json"
 # 2-core AMD EPYC, so until a warm compile is timed, it is taken to cost a fifth of the cold one.
 GUESSED_GAIN, GUESSED_COMPILE_SECONDS, WARM_COMPILE_SHARE = 0.3, 30.0, 0.2
 SHORTEST_MEASURED_RUN = 60.0  # seconds: timing the candidates takes a few, which a shorter run keeps
+RECHECKS_A_RUN_PAYS = 20  # a compiled step measured slower is timed again in runs 20 times its cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +323,17 @@ class MeasuredSettings(tinyllm.Callback):
         cost = self.timings.get(f"{setting} warm compile seconds") or (
             WARM_COMPILE_SHARE * cold if cold else GUESSED_COMPILE_SECONDS)
         remaining = self._remaining_seconds(trainer, eager_step)
-        if not compile_pays(relative_gain=gain, remaining_seconds=remaining, compile_seconds=cost):
+        # A compiled step measured slower than eager may have met a slow moment of a busy machine, and
+        # would never be timed again; a run long enough to pay twenty re-checks times it again.
+        recheck = known is not None and gain <= 0 and remaining > RECHECKS_A_RUN_PAYS * cost
+        pays = compile_pays(relative_gain=gain, remaining_seconds=remaining, compile_seconds=cost)
+        if not (pays or recheck):
             logger.info("torch.compile off: it would save %.0f%% (%s) of the %.0f s left, less than its "
                         "cost of %.0f s", 100 * gain, "measured" if known else "a guess", remaining, cost)
             return None
+        if recheck:
+            logger.info("torch.compile: measured slower before (%.4f s per step against %.4f eager); timing "
+                        "it again", known, eager_step)
         # Timed afresh, beside the compiled step: a timing from another run may have met other load.
         eager_step = self._record(best, self.timer(trainer, best, trainer.eager_model)[1])
         compiled = torch.compile(trainer.eager_model, dynamic=False)

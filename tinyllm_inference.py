@@ -178,7 +178,8 @@ def compile_decode_step(model: tinyllm.TransformerModel) -> Callable:
     Python. Guards on the model's modules are skipped (checking them took about a tenth of a step),
     so quantize or swap modules before compiling, not after."""
     on_cuda = next(model.parameters()).device.type == "cuda"
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+    options = {"guard_filter_fn": skip_module_guards} if skip_module_guards else {}
     if on_cuda:
         options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
     else:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import tinyllm
 import tinyllm_hooks
+import tinyllm_data
 import tinyllm_inference
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -103,8 +104,13 @@ def default(field: str) -> str:
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=Path, help="UTF-8 text file (default: Tiny Shakespeare, downloaded once); "
-                   "your own text is kept as it is unless you pass --lowercase or --normalize-whitespace")
+    g.add_argument("--data", type=Path, nargs="+", help="UTF-8 text files or folders, read recursively "
+                   "(default: Tiny Shakespeare, downloaded once); your own text is kept as it is unless "
+                   "you pass --lowercase or --normalize-whitespace")
+    g.add_argument("--include", action="append", default=[], help="in folders, read only files matching "
+                   "this pattern, e.g. '*.py' (repeatable; default: every file)")
+    g.add_argument("--val-data", type=Path, nargs="+", help="validate on these files or folders (default: "
+                   "whole files held out of a folder, or the last part of one file)")
     g.add_argument("--tokenizer", help=f"{', '.join(tinyllm.TOKENIZERS.names())} "
                    f"(default: {default('tokenizer')})")
     g.add_argument("--vocab-size", type=int, help="vocabulary size of a tokenizer that learns one (bpe: 768)")
@@ -219,6 +225,17 @@ def shakespeare_text(path: Path) -> str:
         print(f"downloading Tiny Shakespeare to {path} ...", file=sys.stderr)
         download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
     return tinyllm.load_text(path)
+
+
+def read_data(args: argparse.Namespace, *, val_fraction: float, seed: int) -> tuple:
+    """(training text, validation text or None, a DataReport for the run) from --data, --include and
+    --val-data, or Tiny Shakespeare."""
+    documents = (tinyllm_data.read_documents(args.data, args.include) if args.data else
+                 tinyllm_data.Documents([DEFAULT_DATA], [shakespeare_text(DEFAULT_DATA)]))
+    val_documents = tinyllm_data.read_documents(args.val_data, args.include) if args.val_data else None
+    text, val_text, validation = tinyllm_data.training_texts(documents, val_fraction=val_fraction, seed=seed,
+                                                             val_documents=val_documents)
+    return text, val_text, tinyllm_data.DataReport(documents.describe(), validation)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
@@ -344,13 +361,18 @@ def evaluate(args: argparse.Namespace) -> None:
     """The full validation loss of a checkpoint on the validation split of --data, as training scores it."""
     checkpoint = load_for_inference(args)
     config = checkpoint.config
-    text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
-    text = tinyllm.prepare_text(text, config.lowercase, config.normalize_whitespace)
-    _, val_ids = tinyllm.split_train_val(text, checkpoint.tokenizer, config.val_fraction, config.max_context)
+    text, val_text, _ = read_data(args, val_fraction=config.val_fraction, seed=config.seed)
+    prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
+    text, val_text = (tinyllm.prepare_text(t, **prep) if t is not None else None for t in (text, val_text))
+    _, val_ids = tinyllm.split_train_val(text, checkpoint.tokenizer, config.val_fraction, config.max_context,
+                                         val_text)
     start = time.perf_counter()
-    loss = tinyllm.evaluate_full(checkpoint.model, val_ids, config.batch_size)
-    bits = tinyllm.bits_per_char(loss, len(val_ids), int(len(text) * config.val_fraction))
-    print(f"full validation loss {loss:.4f} ({bits:.3f} bits/char) on {len(val_ids):,} tokens "
+    loss = tinyllm.evaluate_full(checkpoint.model, val_ids, config.batch_size,
+                                 max_tokens=config.full_val_tokens, seed=config.seed)
+    val_chars = len(val_text) if val_text is not None else int(len(text) * config.val_fraction)
+    bits = tinyllm.bits_per_char(loss, len(val_ids), val_chars)
+    scored = tinyllm.scored_tokens(len(val_ids), config.max_context, config.full_val_tokens)
+    print(f"full validation loss {loss:.4f} ({bits:.3f} bits/char) on {scored:,} tokens "
           f"({time.perf_counter() - start:.1f} s, {checkpoint.model.quantization or 'float'} weights)")
 
 
@@ -430,9 +452,9 @@ def reference_step(trainer: tinyllm.Trainer):
 def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
     """Time training steps of the configured model on the real data, and of a plain GPT of its shape
     (one process only); nothing is kept."""
-    text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
     config = dataclasses.replace(build_config(args), out_dir=None)  # nothing is written
-    trainer = tinyllm.Trainer(config, text, quiet=True, world=world)
+    text, val_text, _ = read_data(args, val_fraction=config.val_fraction, seed=config.seed)
+    trainer = tinyllm.Trainer(config, text, val_text=val_text, quiet=True, world=world)
     settings, meter = tinyllm_hooks.MeasuredSettings(), tinyllm_hooks.ModelFlopsUtilization()
     for callback in (settings, meter):
         callback.on_start(trainer)
@@ -461,20 +483,28 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
               f"tinyllm is {rate / reference:.2f}x that")
 
 
+def saved_config(args: argparse.Namespace) -> Optional[tinyllm.TrainingConfig]:
+    """The settings of the run in --out-dir, from its last.pt; None where there is none, or where it is
+    broken or hostile (the trainer then says what is wrong with it)."""
+    last = Path(args.out_dir or "out") / "last.pt"
+    if not last.is_file():
+        return None
+    try:  # only the config: memory-mapped, the weights are not read (the trainer loads them next)
+        return tinyllm.TrainingConfig.from_dict(torch.load(last, mmap=True, weights_only=True)["config"])
+    except Exception:
+        return None
+
+
 def check_resume_settings(args: argparse.Namespace) -> None:
     """--resume runs with the saved run's settings, so re-running the same command works; a flag or
     --config field that differs from the saved setting is refused, naming both values."""
-    last = Path(args.out_dir or "out") / "last.pt"
     given = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
              if getattr(args, flag) is not None and flag not in ("out_dir", "device", "compile")}
     if args.config:
         build_config(args)  # a bad file gets its usual one-line error
         given = {**tinyllm.read_json(args.config, "config"), **given}
-    if not given or not last.is_file():  # nothing to compare, or nothing to resume (the trainer says so)
-        return
-    try:  # only the config: memory-mapped, the weights are not read (the trainer loads them next)
-        saved = tinyllm.TrainingConfig.from_dict(torch.load(last, mmap=True, weights_only=True)["config"])
-    except Exception:  # a broken or hostile file: the trainer says what is wrong with it
+    saved = saved_config(args)
+    if not given or saved is None:  # nothing to compare, or nothing to resume (the trainer says why)
         return
     names = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
     changed = [f"{names.get(field, field)} {value} (saved: {getattr(saved, field)})"
@@ -503,9 +533,10 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
     if world.rank == 0 and not args.data:
         shakespeare_text(DEFAULT_DATA)
     world.barrier()
-    text = tinyllm.load_text(args.data) if args.data else shakespeare_text(DEFAULT_DATA)
-    trainer = tinyllm.Trainer(config, text, callbacks=callbacks, world=world, quiet=args.quiet,
-                              overwrite=args.overwrite, resume=args.resume)
+    split = (saved_config(args) if args.resume else None) or config  # a resumed run holds out the same
+    text, val_text, report = read_data(args, val_fraction=split.val_fraction, seed=split.seed)
+    trainer = tinyllm.Trainer(config, text, val_text=val_text, callbacks=[report, *callbacks], world=world,
+                              quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
     if summary and not args.quiet:
         print(f"\nfull validation loss {summary['full_val_loss']:.4f} after {summary['steps']} steps "
