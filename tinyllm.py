@@ -710,19 +710,21 @@ class TransformerModel(nn.Module):
         if start + T > self.max_context:
             raise TinyLLMError(f"input has {start + T} tokens but the model's max_context is "
                                f"{self.max_context}; crop it to the last max_context tokens")
-        logits = self.logits(idx, torch.arange(start, start + T, device=idx.device), cache)
+        # Only a cache needs the positions as a tensor; training slices the rotary table, as before.
+        positions = None if cache is None else torch.arange(start, start + T, device=idx.device)
+        logits = self.logits(idx, positions, cache)
         if cache is not None:
             cache.length += T
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def logits(self, idx: torch.Tensor, positions: torch.Tensor,
+    def logits(self, idx: torch.Tensor, positions: Optional[torch.Tensor] = None,
                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits of the tokens `idx` (B, T) standing at `positions` (T,). The positions are a tensor,
-        not numbers, so a compiled one-token step is the same graph at every position."""
+        """Logits of the tokens `idx` (B, T) standing at `positions` (T,), by default 0 to T - 1. The
+        positions are a tensor, not numbers, so a compiled one-token step is one graph for them all."""
         x = self.dropout(self.token_embedding(idx))
-        rotary = self.rotary[:, positions]
+        rotary = self.rotary[:, :idx.shape[1]] if positions is None else self.rotary[:, positions]
         mask = None  # with a cache, each new token attends to the cache's slots up to its own position
         if cache is not None:
             mask = positions[:, None] >= torch.arange(self.max_context, device=idx.device)

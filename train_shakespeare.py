@@ -255,7 +255,8 @@ def load_for_inference(args: argparse.Namespace) -> tinyllm.Checkpoint:
 
 
 def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, **options):
-    """The prompt (as the model sees it) and an iterator of (sample number, text piece) generated after it."""
+    """The prompt (as the model sees it) and an iterator of (sample number, text piece) generated after it;
+    the one-token step is chosen here (and logged) unless `options` name one."""
     for flag, value in (("--num-chars", args.num_chars), ("--num-samples", args.num_samples)):
         if value <= 0:
             raise tinyllm.TinyLLMError(f"{flag} must be positive, got {value}")
@@ -269,6 +270,10 @@ def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, 
     # Bad settings or a prompt with unseen characters fail now, before anything is printed.
     tinyllm.check_sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
     tinyllm.encode_prompt(checkpoint.tokenizer, tinyllm.prepare_text(args.prompt, **prep))
+    if options.get("use_cache", True) and "decode_step" not in options:
+        with info_on_stderr(args.quiet):  # which one-token step runs, and why
+            options["decode_step"] = tinyllm_inference.choose_decode_step(
+                checkpoint.model, tokens=args.num_chars, batch_size=args.num_samples, compile=args.compile)
     pieces = tinyllm_inference.stream_samples(checkpoint.model, checkpoint.tokenizer, args.prompt,
                                               args.num_chars, temperature=temperature, top_k=args.top_k,
                                               top_p=args.top_p, **prep, **options)
@@ -292,12 +297,7 @@ def info_on_stderr(quiet: bool) -> Iterator[None]:
 def generate(args: argparse.Namespace) -> None:
     """Print the prompt, then each piece of the continuation as soon as it is generated; several
     samples are printed one after another, each under its own header."""
-    checkpoint = load_for_inference(args)
-    generation_stream(args, checkpoint)  # checks the flags and the prompt
-    with info_on_stderr(args.quiet):  # which one-token step runs, and why
-        step = tinyllm_inference.choose_decode_step(checkpoint.model, tokens=args.num_chars,
-                                                    batch_size=args.num_samples, compile=args.compile)
-    prompt, pieces = generation_stream(args, checkpoint, seed=args.seed, decode_step=step)
+    prompt, pieces = generation_stream(args, load_for_inference(args), seed=args.seed)
     if args.num_samples == 1:
         print(prompt, end="", flush=True)
         for _, piece in pieces:
@@ -329,7 +329,8 @@ def benchmark_generation(args: argparse.Namespace) -> None:
     checkpoint = load_for_inference(args)
     model, batch = checkpoint.model, args.num_samples
     results = {"uncached": [time_generation(args, checkpoint, seed, use_cache=False) for seed in range(3)],
-               "cached": [time_generation(args, checkpoint, seed) for seed in range(3)]}
+               "cached": [time_generation(args, checkpoint, seed, decode_step=model.logits)
+                          for seed in range(3)]}
     compile_seconds = []
     if args.compile is not False:
         results["cached, compiled"] = []
