@@ -2,6 +2,7 @@
 line, end to end: crash safety, exact resume, bad input, torchrun."""
 import contextlib
 import csv
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -237,41 +238,146 @@ def test_download_failure_says_where_to_put_the_file(file_server, tmp_path):
 # tinyllm_data: folders of files, held-out documents
 
 
+def write_files(root, files):
+    for name, content in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+AS_IT_IS = TrainingConfig(max_context=8, lowercase=False, normalize_whitespace=False)
+
+
+def corpus_data(paths, tmp_path, config=None, tokenizer=None, **options):
+    """A Corpus's TokenData and report, with the token cache under tmp_path."""
+    corpus = tinyllm_data.Corpus(paths, cache_dir=tmp_path / "tokens", **options)
+    data = corpus.prepare(config or AS_IT_IS, tokenizer)
+    return data, corpus.report
+
+
+def decoded(data, ids):
+    return data.tokenizer.decode(ids.tolist())
+
+
 def test_a_folder_is_read_in_sorted_order_through_its_patterns_skipping_what_is_not_text(tmp_path):
-    for name, content in [("z.py", b"z = 1\n"), ("a/b.py", b"def b():\n    return 2\n"), ("a/c.txt", b"c"),
-                          ("sub/dir/d.py", b"d = 4\n"), (".git/x.py", b"hidden"), ("bin.py", b"\x00\x01"),
-                          ("latin.py", "\xe9t\xe9".encode("latin-1")), ("empty.py", b"")]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(content)
-    documents = tinyllm_data.read_documents([tmp_path], include=["*.py"])
-    assert [p.relative_to(tmp_path).as_posix() for p in documents.paths] == ["a/b.py", "sub/dir/d.py", "z.py"]
-    assert documents.texts[0] == "def b():\n    return 2\n"  # as it is: the indentation stays
-    assert [p.name for p, _ in documents.skipped] == ["bin.py", "empty.py", "latin.py"]
-    assert documents.describe().startswith("3 files read (34 characters); 3 skipped as not UTF-8 text or "
-                                           f"empty, e.g. {tmp_path / 'bin.py'} (looks binary")
-    everything = tinyllm_data.read_documents([tmp_path, tmp_path / "z.py"])  # several paths, in order
-    assert len(everything.texts) == 5 and everything.paths[-1] == tmp_path / "z.py"
-    with pytest.raises(TinyLLMError, match="looks binary"):  # a file named directly must be text
-        tinyllm_data.read_documents([tmp_path / "bin.py"])
-    with pytest.raises(TinyLLMError, match=r"no UTF-8 text files matching \*.rs in .*; check --data"):
-        tinyllm_data.read_documents([tmp_path], include=["*.rs"])
-
-
-def test_validation_holds_out_whole_documents_by_a_seeded_choice():
-    texts = [f"document {i}\n" * (i + 1) for i in range(20)]
-    documents = tinyllm_data.Documents([Path(f"{i}.txt") for i in range(20)], texts)
-    train, val, said = tinyllm_data.training_texts(documents, val_fraction=0.1, seed=1)
+    code = tmp_path / "code"
+    write_files(code, [("z.py", "z = 1\n" * 9), ("a/b.py", "def b():\n    return 2\n" * 3), ("a/c.txt", "c"),
+                       ("sub/dir/d.py", "d = 4\n" * 9), (".git/x.py", "hidden"), ("bin.py", b"\x00\x01"),
+                       ("latin.py", "\xe9t\xe9".encode("latin-1")), ("empty.py", b"")])
+    listed = [p.relative_to(code).as_posix() for p, _ in tinyllm_data.list_files([code], ["*.py"])]
+    assert listed == ["a/b.py", "bin.py", "empty.py", "latin.py", "sub/dir/d.py", "z.py"]
+    data, report = corpus_data([code], tmp_path, include=["*.py"])
+    assert report["read"].startswith("3 files read (174 characters); 3 skipped as not UTF-8 text or empty, "
+                                     f"e.g. {code / 'bin.py'} (looks binary")
     end = tinyllm_data.DOCUMENT_END
-    pieces = [piece + end for piece in (train + val).split(end)[:-1]]
-    assert sorted(pieces) == sorted(t + end for t in texts)  # every document once, whole, ended
-    assert 0.1 <= len(val) / (len(train) + len(val)) < 0.3 and "files held out whole" in said
-    assert tinyllm_data.training_texts(documents, val_fraction=0.1, seed=1)[1] == val
-    assert tinyllm_data.training_texts(documents, val_fraction=0.1, seed=2)[1] != val
-    one = tinyllm_data.Documents([Path("a.txt")], ["just one text"])
-    assert tinyllm_data.training_texts(one, val_fraction=0.1, seed=1) == (
-        "just one text", None, "validation: the last 10% of the text")  # a single file: as before
-    apart = tinyllm_data.training_texts(one, val_fraction=0.1, seed=1, val_documents=documents)
-    assert apart[0] == "just one text" and apart[1].count(end) == 20
+    documents = (decoded(data, data.train_ids) + decoded(data, data.val_ids)).split(end)[:-1]
+    assert sorted(documents) == sorted(["def b():\n    return 2\n" * 3, "d = 4\n" * 9, "z = 1\n" * 9])
+    everything, _ = corpus_data([code, code / "z.py"], tmp_path)  # several paths: c.txt too, z.py twice
+    every_text = decoded(everything, everything.train_ids) + decoded(everything, everything.val_ids)
+    assert every_text.count(end) == 5
+    with pytest.raises(TinyLLMError, match="looks binary"):  # a file named directly must be text
+        corpus_data([code / "bin.py"], tmp_path)
+    with pytest.raises(TinyLLMError, match=r"no UTF-8 text files matching \*.rs in .*; check --data"):
+        corpus_data([code], tmp_path, include=["*.rs"])
+
+
+def test_validation_holds_out_whole_documents_by_a_seeded_choice(tmp_path):
+    texts = [f"document {i}\n" * (i + 1) for i in range(20)]
+    write_files(tmp_path / "docs", [(f"{i:02d}.txt", text) for i, text in enumerate(texts)])
+    end = tinyllm_data.DOCUMENT_END
+    data, report = corpus_data([tmp_path / "docs"], tmp_path, dataclasses.replace(AS_IT_IS, seed=1))
+    train, val = decoded(data, data.train_ids), decoded(data, data.val_ids)
+    assert sorted((train + val).split(end)[:-1]) == sorted(texts)  # every document once, whole, ended
+    assert 0.1 <= len(val) / (len(train) + len(val)) < 0.3 and "files held out whole" in report["validation"]
+    assert data.val_chars == len(val) and data.chars == (len(train) + len(val),) * 2
+    again, _ = corpus_data([tmp_path / "docs"], tmp_path, dataclasses.replace(AS_IT_IS, seed=1))
+    other, _ = corpus_data([tmp_path / "docs"], tmp_path, dataclasses.replace(AS_IT_IS, seed=2))
+    assert decoded(again, again.val_ids) == val and decoded(other, other.val_ids) != val
+    (tmp_path / "one.txt").write_text(PLAY)  # a single file: its last tenth, as the in-memory path
+    one, report = corpus_data([tmp_path / "one.txt"], tmp_path)
+    assert decoded(one, one.val_ids) == PLAY[len(PLAY) - len(PLAY) // 10:]
+    assert report["validation"] == "validation: the last 10% of the text"
+    apart, report = corpus_data([tmp_path / "one.txt"], tmp_path, val_paths=[tmp_path / "docs"])
+    assert decoded(apart, apart.train_ids) == PLAY and decoded(apart, apart.val_ids).count(end) == 20
+    assert report["validation"].startswith("validation: 20 file(s) given apart")
+
+
+def test_memory_mapped_tokens_give_exactly_the_batches_of_the_in_memory_path(tmp_path):
+    (tmp_path / "play.txt").write_text(PLAY)
+    config = tiny_config(tmp_path, max_context=16, batch_size=4, lowercase=False)
+    in_memory = tinyllm.prepare_data(config, PLAY, None, None)
+    mapped, _ = corpus_data([tmp_path / "play.txt"], tmp_path, config)
+    assert mapped.train_ids.dtype == torch.uint8  # 40-odd characters: a byte a token
+    assert (mapped.sha256, mapped.chars, mapped.val_chars) == (in_memory.sha256, in_memory.chars,
+                                                               in_memory.val_chars)
+    assert mapped.tokenizer.state() == in_memory.tokenizer.state()
+    for ids, other in ((mapped.train_ids, in_memory.train_ids), (mapped.val_ids, in_memory.val_ids)):
+        first = tinyllm.epoch_loader(ids, 16, 4, torch.Generator().manual_seed(3))
+        second = tinyllm.epoch_loader(other, 16, 4, torch.Generator().manual_seed(3))
+        for (x, y), (x2, y2) in zip(first, second, strict=True):
+            assert x.dtype == torch.long and torch.equal(x, x2) and torch.equal(y, y2)
+        for (x, y), (x2, y2) in zip(tinyllm.fixed_batches(ids, 16, 4, 3, seed=1),
+                                    tinyllm.fixed_batches(other, 16, 4, 3, seed=1)):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+    model = tiny_model(vocab_size=in_memory.tokenizer.vocab_size)
+    scores = [tinyllm.evaluate_full(model, data.val_ids, 4) for data in (mapped, in_memory)]
+    assert scores[0] == scores[1]
+
+
+def test_the_token_cache_is_hit_then_invalidated_by_a_changed_file_tokenizer_or_damage(tmp_path, monkeypatch,
+                                                                                       caplog):
+    write_files(tmp_path / "docs", [(f"{i}.txt", f"text number {i}\n" * 20) for i in range(5)])
+    first, report = corpus_data([tmp_path / "docs"], tmp_path)
+    assert report["tokens"].startswith("tokenized in ")
+    tokenize = tinyllm_data.Corpus._tokenize
+    monkeypatch.setattr(tinyllm_data.Corpus, "_tokenize", lambda *a: pytest.fail("tokenized again"))
+    again, report = corpus_data([tmp_path / "docs"], tmp_path)  # a hit: nothing tokenized
+    assert report["tokens"].startswith("from the token cache, ") and again.sha256 == first.sha256
+    assert torch.equal(again.train_ids.long(), first.train_ids.long())
+    fitted, _ = corpus_data([tmp_path / "docs"], tmp_path, tokenizer=first.tokenizer)  # as a resumed run asks
+    assert fitted.sha256 == first.sha256
+    monkeypatch.setattr(tinyllm_data.Corpus, "_tokenize", tokenize)
+    (tmp_path / "docs" / "3.txt").write_text("a changed file, with new characters: Q!\n" * 20)
+    changed, report = corpus_data([tmp_path / "docs"], tmp_path)
+    assert report["tokens"].startswith("tokenized in ") and changed.sha256 != first.sha256
+    assert "Q" in changed.tokenizer.chars
+    grown, _ = corpus_data([tmp_path / "docs"], tmp_path, tokenizer=CharacterTokenizer("abc"))
+    assert grown.added_tokens == changed.tokenizer.vocab_size - 3
+    bpe, report = corpus_data([tmp_path / "docs"], tmp_path, dataclasses.replace(AS_IT_IS, tokenizer="bpe"))
+    assert report["tokens"].startswith("tokenized in ") and bpe.tokenizer.type_name == "bpe"
+    lowercase = dataclasses.replace(AS_IT_IS, lowercase=True)
+    lowered, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
+    assert report["tokens"].startswith("tokenized in ") and "Q" not in lowered.tokenizer.chars
+    entry = tmp_path / "tokens" / report["tokens"].rsplit("/", 1)[-1]
+    for damage in ('{"format": 1, "dtype": "float64"', "[]"):  # hand-edited or cut short: built again
+        entry.write_text(damage)
+        again, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
+        assert report["tokens"].startswith("tokenized in ") and again.sha256 == lowered.sha256
+    assert "is damaged" in caplog.text
+    meta = json.loads(entry.read_text())
+    train_file = tmp_path / "tokens" / f"{meta['files']}.train"
+    train_file.write_bytes(train_file.read_bytes()[:-1])  # a token file cut short
+    again, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
+    assert report["tokens"].startswith("tokenized in ") and again.sha256 == lowered.sha256
+
+
+def test_large_texts_are_encoded_in_pieces_and_bpe_fits_on_a_bounded_sample(tmp_path, monkeypatch):
+    monkeypatch.setattr(tinyllm_data, "ENCODE_CHARS", 50)
+    monkeypatch.setattr(tinyllm_data, "FIT_SAMPLE_CHARS", 500)
+    fitted_on = []
+    fit = tinyllm.TOKENIZERS["bpe"].fit
+
+    def recorded_fit(self, text, vocab_size=None):
+        fitted_on.append(len(text))
+        return fit(self, text, vocab_size)
+    monkeypatch.setattr(tinyllm.TOKENIZERS["bpe"], "fit", recorded_fit)
+    write_files(tmp_path / "docs", [(f"{i}.txt", PLAY[:300 * (i + 1)]) for i in range(6)])
+    config = TrainingConfig(max_context=8, tokenizer="bpe", vocab_size=300, val_fraction=0.2)
+    data, _ = corpus_data([tmp_path / "docs"], tmp_path, config)
+    assert fitted_on and fitted_on[0] <= 500 + 5  # the sample, with a separator between its documents
+    end = tinyllm_data.DOCUMENT_END
+    for ids in (data.train_ids, data.val_ids):  # the ids of each whole document, encoded at once
+        whole = [data.tokenizer.encode(text + end) for text in decoded(data, ids).split(end)[:-1]]
+        assert ids.tolist() == [i for piece in whole for i in piece]
 
 
 def test_cli_trains_on_a_folder_and_says_what_it_held_out(tmp_path, cli):
@@ -292,6 +398,14 @@ def test_cli_trains_on_a_folder_and_says_what_it_held_out(tmp_path, cli):
     result = cli("--evaluate", "--checkpoint", out / "best.pt", "--data", tmp_path / "code", "--include",
                  "*.py")  # the same files held out
     assert result.returncode == 0 and "on 840 tokens" in result.stdout, result.stderr
+    tuned = cli("--data", tmp_path / "code", "--include", "*.py", "--init-from", out / "best.pt",
+                "--max-steps", 2, "--max-context", 16, "--batch-size", 4, "--out-dir", tmp_path / "tuned")
+    assert tuned.returncode == 0, tuned.stderr  # fine-tuning on the same files finds their tokens
+    assert "tokens: from the token cache, " in (tmp_path / "tuned" / "tinyllm_training.log").read_text()
+    (tmp_path / "code" / "m0.py").write_text("ß = 'a character the vocabulary lacks'\n" * 30)
+    result = cli("--evaluate", "--checkpoint", out / "best.pt", "--data", tmp_path / "code",
+                 "--include", "*.py")
+    assert result.returncode == 2 and "character(s) that the vocabulary of " in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,8 +883,10 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     wait_for(lambda: (tmp_path / "out" / "last.pt").exists())
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 143
-    again = cli(*run, "--resume")  # the same command, resumed
+    again = cli(*run, "--resume")  # the same command, resumed, with the same tokens from the cache
     assert again.returncode == 0, again.stderr
+    log = (tmp_path / "out" / "tinyllm_training.log").read_text()
+    assert log.count("tokens: tokenized in ") == 1 and log.count("tokens: from the token cache, ") == 1
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 0.5}')
     changed = cli(*[3000 if part == 2000 else part for part in run], "--resume")
     assert changed.returncode == 2 and len(changed.stderr.splitlines()) == 1

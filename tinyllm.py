@@ -450,11 +450,16 @@ def split_train_val(text: str, tokenizer: Tokenizer, val_fraction: float, contex
         n_val = int(len(text) * val_fraction)
         text, val_text = text[:len(text) - n_val], text[len(text) - n_val:]
     train, val = (torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in (text, val_text))
-    if len(val) < context + 1 or len(train) < context + 1:
-        raise TinyLLMError(f"text too short: {len(text) + len(val_text)} characters give {len(train)} "
-                           f"training and {len(val)} validation tokens, but each needs at least "
-                           f"max_context + 1 = {context + 1}; use more text or a smaller `max_context`")
+    check_token_counts(len(train), len(val), context, len(text) + len(val_text))
     return train, val
+
+
+def check_token_counts(train: int, val: int, context: int, chars: int) -> None:
+    """Training and validation each need one window of `context` tokens and its next token."""
+    if val < context + 1 or train < context + 1:
+        raise TinyLLMError(f"text too short: {chars:,} characters give {train:,} training and {val:,} "
+                           f"validation tokens, but each needs at least max_context + 1 = {context + 1}; "
+                           "use more text or a smaller `max_context`")
 
 
 def bits_per_char(loss: float, tokens: int, chars: int) -> float:
@@ -478,7 +483,7 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, index: Union[int, Sequence[int]]) -> tuple:
         chunk = self.ids[(self.offset + torch.as_tensor(index, device=self.ids.device) * self.context)
-                         .unsqueeze(-1) + self.arange]
+                         .unsqueeze(-1) + self.arange].long()  # ids may be stored narrower (a token file)
         return chunk[..., :-1], chunk[..., 1:]
 
 
@@ -516,15 +521,44 @@ def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: i
     """`n_batches` random batches chosen once, so successive validation losses are comparable."""
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(ids) - context, (n_batches, batch_size), generator=generator)
-    windows = ids[starts.to(ids.device).unsqueeze(-1) + torch.arange(context + 1, device=ids.device)]
+    windows = ids[starts.to(ids.device).unsqueeze(-1) + torch.arange(context + 1, device=ids.device)].long()
     return [(w[:, :-1], w[:, 1:]) for w in windows]
 
 
+def on_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids where batches are cut from them: on a CPU as they are (a memory map stays mapped, not
+    read), elsewhere as int32, which every device indexes (not so uint16 or uint32)."""
+    return ids if device.type == "cpu" else ids.to(device, torch.int32 if ids.dtype != torch.long else None)
+
+
+@dataclass
+class TokenData:
+    """Text made ready to train on: the tokenizer, the training and validation token ids (an integer
+    tensor of any width, e.g. a memory-mapped token file) and the sizes that bits per character needs.
+    A data source, such as tinyllm_data.Corpus, is anything whose `prepare(config, tokenizer)` gives one."""
+
+    tokenizer: Tokenizer
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    chars: tuple  # the characters given, and left after preprocessing
+    val_chars: int  # the validation text's characters, after preprocessing
+    sha256: str  # of the ids as int64: a resumed run checks it trains on the same tokens
+    added_tokens: int = 0  # how many a given tokenizer gained for this text
+
+
+def ids_sha256(*parts: torch.Tensor, chunk: int = 1 << 22) -> str:
+    """The sha256 of token ids as int64, read a chunk at a time, so a memory-mapped file is never
+    widened whole."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for start in range(0, len(part), chunk):
+            digest.update(part[start:start + chunk].long().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def prepare_data(config: TrainingConfig, text: str, val_text: Optional[str],
-                 tokenizer: Optional[Tokenizer]) -> tuple:
-    """Preprocess; fit a new tokenizer (or grow a given one); split and encode: returns the tokenizer,
-    how many tokens it gained, the characters before and after preprocessing and in the validation
-    text, and the training and validation ids."""
+                 tokenizer: Optional[Tokenizer]) -> TokenData:
+    """Preprocess; fit a new tokenizer (or grow a given one); split and encode."""
     c, given_chars = config, len(text) + len(val_text or "")
     text = prepare_text(text, c.lowercase, c.normalize_whitespace)
     val_text = None if val_text is None else prepare_text(val_text, c.lowercase, c.normalize_whitespace)
@@ -532,12 +566,17 @@ def prepare_data(config: TrainingConfig, text: str, val_text: Optional[str],
     added = tokenizer.extend(every_text) if tokenizer else 0
     tokenizer = tokenizer or TOKENIZERS[c.tokenizer]().fit(every_text, vocab_size=c.vocab_size)
     train_ids, val_ids = split_train_val(text, tokenizer, c.val_fraction, c.max_context, val_text)
-    try:  # fail now, not mid-run
-        tokenizer.encode(prepare_text(c.sample_prompt, c.lowercase, c.normalize_whitespace))
+    val_chars = int(len(text) * c.val_fraction) if val_text is None else len(val_text)
+    return TokenData(tokenizer, train_ids, val_ids, (given_chars, len(every_text)), val_chars,
+                     ids_sha256(train_ids, val_ids), added)
+
+
+def check_prompt(config: TrainingConfig, tokenizer: Tokenizer) -> None:
+    """Fail now, not mid-run, if the sample prompt has characters the training text lacks."""
+    try:
+        tokenizer.encode(prepare_text(config.sample_prompt, config.lowercase, config.normalize_whitespace))
     except TinyLLMError as e:
         raise TinyLLMError(f"sample_prompt has {e}, which the training text lacks") from None
-    val_chars = int(len(text) * c.val_fraction) if val_text is None else len(val_text)
-    return tokenizer, added, (given_chars, len(every_text)), val_chars, train_ids, val_ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,20 +893,23 @@ def scored_tokens(n_ids: int, context: int, max_tokens: Optional[int]) -> int:
 @torch.no_grad()
 def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
                   autocast: Callable = contextlib.nullcontext, *, max_tokens: Optional[int] = None,
-                  seed: int = 0) -> float:
+                  seed: int = 0, progress: Optional[Callable[[Iterator, int], Iterator]] = None) -> float:
     """Mean loss per token over ALL of `ids`, cut into non-overlapping windows of max_context; where
-    they hold over `max_tokens` tokens, over a seeded choice of those windows holding that many."""
+    they hold over `max_tokens` tokens, over a seeded choice of those windows holding that many.
+    `progress(batches, how_many)`, e.g. a tqdm bar, wraps the iterator of batches."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     windows = TokenWindows(ids, model.max_context)
-    chosen, tail = range(len(windows)), ids[len(windows) * model.max_context:]  # tail: a shorter window
+    chosen, tail = range(len(windows)), ids[len(windows) * model.max_context:].long()  # a shorter window
     scored = scored_tokens(len(ids), model.max_context, max_tokens)
     if scored < len(ids) - 1:  # the same windows every time
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
         chosen, tail = sorted(order[:scored // model.max_context].tolist()), tail[:0]
-    batches = (windows[list(chosen[start:start + batch_size])] for start in range(0, len(chosen), batch_size))
+    starts = range(0, len(chosen), batch_size)
+    batches = itertools.chain((windows[list(chosen[start:start + batch_size])] for start in starts),
+                              [(tail[None, :-1], tail[None, 1:])] if len(tail) > 1 else [])
     total, count = torch.zeros((), device=device), 0
-    for x, y in itertools.chain(batches, [(tail[None, :-1], tail[None, 1:])] if len(tail) > 1 else []):
+    for x, y in (progress or (lambda batches, _: batches))(batches, len(starts) + (len(tail) > 1)):
         with autocast():
             total += model(x.to(device), y.to(device))[1] * y.numel()
         count += y.numel()
@@ -1380,15 +1422,16 @@ def log_run_start(trainer: Trainer) -> None:
     c, m, state = trainer.config, trainer.model.config, trainer.state
     done = " and ".join(what for what, asked in (("lowercased", c.lowercase),
                                                  ("whitespace tidied", c.normalize_whitespace)) if asked)
-    logger.info("text: %s characters, %s", f"{trainer.text_chars[0]:,}",
-                f"{done}: {trainer.text_chars[1]:,} characters" if done else "kept as it is")
+    logger.info("text: %s characters, %s", f"{trainer.data.chars[0]:,}",
+                f"{done}: {trainer.data.chars[1]:,} characters" if done else "kept as it is")
     logger.info("tinyllm: %d training and %d validation tokens, vocabulary of %d %s tokens",
                 len(trainer.train_ids), len(trainer.val_ids), trainer.tokenizer.vocab_size, c.tokenizer)
     if trainer.resumed_at is not None:
         logger.info("resumed from %s at step %d (epoch %d, batch %d of it)",
                     trainer.run_dir.path / "last.pt", state.step, state.epoch, state.batch_in_epoch)
     elif c.init_from:
-        logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from, trainer.added_tokens)
+        logger.info("fine-tuning %s: %d tokens added to its vocabulary", c.init_from,
+                    trainer.data.added_tokens)
     logger.info("model %s: %d layers, %d heads, %d wide, context %d, %s parameters", c.model_size,
                 m.n_layer, m.n_head, m.n_embd, m.max_context, f"{trainer.model.num_parameters():,}")
     if trainer.full_val_tokens < len(trainer.val_ids) - 1:
@@ -1412,7 +1455,7 @@ class Trainer:
 
     STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
 
-    def __init__(self, config: TrainingConfig, text: str, *, val_text: Optional[str] = None,
+    def __init__(self, config: TrainingConfig, text: Union[str, Any], *, val_text: Optional[str] = None,
                  model: Optional[TransformerModel] = None, tokenizer: Optional[Tokenizer] = None,
                  callbacks: Sequence[Callback] = (), world: Optional[World] = None, quiet: bool = False,
                  overwrite: bool = False, resume: bool = False):
@@ -1426,10 +1469,12 @@ class Trainer:
         self.device = self.world.join(resolve_device(c.device))
         self.dtype, self.dtype_reason = resolve_dtype(c.dtype, self.device)
         self.autocast = autocast_context(self.device, self.dtype)  # autocast() is a new context each time
-        self.tokenizer, self.added_tokens, self.text_chars, self.val_chars, train_ids, val_ids = prepare_data(
-            c, text, val_text, tokenizer)
+        self.data = prepare_data(c, text, val_text, tokenizer) if isinstance(text, str) else \
+            text.prepare(c, tokenizer)  # a data source: see TokenData
+        self.tokenizer, train_ids, val_ids = self.data.tokenizer, self.data.train_ids, self.data.val_ids
+        check_prompt(c, self.tokenizer)
         check_memory(c, self.tokenizer.vocab_size, self.device)
-        self.train_ids, self.val_ids = train_ids.to(self.device), val_ids.to(self.device)
+        self.train_ids, self.val_ids = on_device(train_ids, self.device), on_device(val_ids, self.device)
         self.val_batches = fixed_batches(self.val_ids, c.max_context, c.batch_size, c.val_batches, c.seed)
         self.full_val_tokens = scored_tokens(len(val_ids), c.max_context, c.full_val_tokens)  # at the end
         batches = len(TokenWindows(train_ids, c.max_context)) // c.batch_size
@@ -1450,12 +1495,13 @@ class Trainer:
         self.train_model = torch.compile(self.eager_model, dynamic=False) if c.compile else self.eager_model
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
-        self.state = RunState(data_sha256=hashlib.sha256(torch.cat([train_ids, val_ids]).numpy()).hexdigest())
+        self.state = RunState(data_sha256=self.data.sha256)
         self.generator = torch.Generator().manual_seed(c.seed)  # shuffles the batches
         self.clock, self.lr = RunClock(), c.learning_rate  # lr: the latest step's learning rate
         self.best_weights: Optional[dict] = None  # the model's weights at the best validation loss,
         self.best_step = 0  # and the step they are from
         self.stop_requested, self.first_step = False, 1
+        self.evaluation_progress = None  # a plug-in may wrap the final evaluation's batches: a progress bar
         if saved:
             self._restore(saved)
         self.resumed_at = self.state.step if saved else None  # the step last.pt was saved at
@@ -1621,7 +1667,7 @@ class Trainer:
             notes = self._hook("on_validation", row)
             logger.info("step %d (epoch %.2f): train loss %.4f, val loss %.4f (%.3f bits/char), lr %.2e, "
                         "%.0f tokens/s%s", state.step, epoch, train_loss, state.last_val_loss,
-                        bits_per_char(state.last_val_loss, len(self.val_ids), self.val_chars), self.lr,
+                        bits_per_char(state.last_val_loss, len(self.val_ids), self.data.val_chars), self.lr,
                         tokens_per_second, notes)
             if self.run_dir.metrics:
                 self.run_dir.metrics.log(**row)
@@ -1665,14 +1711,15 @@ class Trainer:
             return {}
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
-        c = self.config
+        c, val_chars = self.config, self.data.val_chars
         full_val_loss = evaluate_full(self.model, self.val_ids, c.batch_size, self.autocast,
-                                      max_tokens=c.full_val_tokens, seed=c.seed)
+                                      max_tokens=c.full_val_tokens, seed=c.seed,
+                                      progress=self.evaluation_progress)
         sample = self._sample(f"the end, from the best model (step {self.best_step})")
         tokens_per_second = state.tokens_seen / max(train_seconds, 1e-9)
         summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
                    "full_val_loss": full_val_loss,
-                   "full_val_bits_per_char": bits_per_char(full_val_loss, len(self.val_ids), self.val_chars),
+                   "full_val_bits_per_char": bits_per_char(full_val_loss, len(self.val_ids), val_chars),
                    "full_val_tokens": self.full_val_tokens,
                    "steps": state.step, "epochs_completed": state.epoch, "tokens_seen": state.tokens_seen,
                    "tokens_per_second": round(tokens_per_second, 1),

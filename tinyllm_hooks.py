@@ -694,6 +694,8 @@ class ProgressBar(tinyllm.Callback):
         if self.bar:
             self.bar.close()
             trainer.run_dir.console.setStream(sys.stdout)
+            trainer.evaluation_progress = lambda batches, total: tqdm(
+                batches, total=total, desc="final evaluation", unit="batch", leave=False, dynamic_ncols=True)
 
 
 def duration(seconds: float) -> str:
@@ -742,6 +744,9 @@ class ProgressLog(tinyllm.Callback):
         of_epochs = f" of {trainer.epochs}" if trainer.epochs < math.inf else ""
         logger.info("step %d%s (%.0f%%), epoch %.2f%s: train loss %.4f, %s; %s elapsed%s", state.step,
                     of_steps, 100 * progress, epoch, of_epochs, loss, rate, duration(elapsed), left)
+
+    def on_stop(self, trainer: tinyllm.Trainer, reason: str) -> None:
+        logger.info("scoring the best model on %s validation tokens", f"{trainer.full_val_tokens:,}")
 
     @staticmethod
     def _progress(trainer: tinyllm.Trainer) -> float:

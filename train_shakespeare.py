@@ -111,6 +111,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    "this pattern, e.g. '*.py' (repeatable; default: every file)")
     g.add_argument("--val-data", type=Path, nargs="+", help="validate on these files or folders (default: "
                    "whole files held out of a folder, or the last part of one file)")
+    g.add_argument("--token-cache", type=Path, help="folder for the token files that --data is tokenized "
+                   "into once (default: ~/.cache/tinyllm/tokens, or $XDG_CACHE_HOME/tinyllm/tokens)")
     g.add_argument("--tokenizer", help=f"{', '.join(tinyllm.TOKENIZERS.names())} "
                    f"(default: {default('tokenizer')})")
     g.add_argument("--vocab-size", type=int, help="vocabulary size of a tokenizer that learns one (bpe: 768)")
@@ -227,15 +229,13 @@ def shakespeare_text(path: Path) -> str:
     return tinyllm.load_text(path)
 
 
-def read_data(args: argparse.Namespace, *, val_fraction: float, seed: int) -> tuple:
-    """(training text, validation text or None, a DataReport for the run) from --data, --include and
-    --val-data, or Tiny Shakespeare."""
-    documents = (tinyllm_data.read_documents(args.data, args.include) if args.data else
-                 tinyllm_data.Documents([DEFAULT_DATA], [shakespeare_text(DEFAULT_DATA)]))
-    val_documents = tinyllm_data.read_documents(args.val_data, args.include) if args.val_data else None
-    text, val_text, validation = tinyllm_data.training_texts(documents, val_fraction=val_fraction, seed=seed,
-                                                             val_documents=val_documents)
-    return text, val_text, tinyllm_data.DataReport(documents.describe(), validation)
+def corpus(args: argparse.Namespace) -> tinyllm_data.Corpus:
+    """--data (or Tiny Shakespeare), --include and --val-data as a data source for the Trainer."""
+    if not args.data:
+        shakespeare_text(DEFAULT_DATA)  # downloaded and checked the first time
+    return tinyllm_data.Corpus(args.data or [DEFAULT_DATA], include=args.include,
+                               val_paths=args.val_data or (),
+                               cache_dir=args.token_cache, progress=not args.quiet)
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
@@ -362,17 +362,15 @@ def evaluate(args: argparse.Namespace) -> None:
     """The full validation loss of a checkpoint on the validation split of --data, as training scores it."""
     checkpoint = load_for_inference(args)
     config = checkpoint.config
-    text, val_text, _ = read_data(args, val_fraction=config.val_fraction, seed=config.seed)
-    prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
-    text, val_text = (tinyllm.prepare_text(t, **prep) if t is not None else None for t in (text, val_text))
-    _, val_ids = tinyllm.split_train_val(text, checkpoint.tokenizer, config.val_fraction, config.max_context,
-                                         val_text)
+    data = corpus(args).prepare(config, checkpoint.tokenizer)
+    if data.added_tokens:
+        raise tinyllm.TinyLLMError(f"the text has {data.added_tokens} character(s) that the vocabulary of "
+                                   f"{checkpoint_path(args)} lacks; evaluate on text like its training text")
     start = time.perf_counter()
-    loss = tinyllm.evaluate_full(checkpoint.model, val_ids, config.batch_size,
+    loss = tinyllm.evaluate_full(checkpoint.model, data.val_ids, config.batch_size,
                                  max_tokens=config.full_val_tokens, seed=config.seed)
-    val_chars = len(val_text) if val_text is not None else int(len(text) * config.val_fraction)
-    bits = tinyllm.bits_per_char(loss, len(val_ids), val_chars)
-    scored = tinyllm.scored_tokens(len(val_ids), config.max_context, config.full_val_tokens)
+    bits = tinyllm.bits_per_char(loss, len(data.val_ids), data.val_chars)
+    scored = tinyllm.scored_tokens(len(data.val_ids), config.max_context, config.full_val_tokens)
     print(f"full validation loss {loss:.4f} ({bits:.3f} bits/char) on {scored:,} tokens "
           f"({time.perf_counter() - start:.1f} s, {checkpoint.model.quantization or 'float'} weights)")
 
@@ -454,8 +452,7 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
     """Time training steps of the configured model on the real data, and of a plain GPT of its shape
     (one process only); nothing is kept."""
     config = dataclasses.replace(build_config(args), out_dir=None)  # nothing is written
-    text, val_text, _ = read_data(args, val_fraction=config.val_fraction, seed=config.seed)
-    trainer = tinyllm.Trainer(config, text, val_text=val_text, quiet=True, world=world)
+    trainer = tinyllm.Trainer(config, corpus(args), quiet=True, world=world)
     settings, meter = tinyllm_hooks.MeasuredSettings(), tinyllm_hooks.ModelFlopsUtilization()
     for callback in (settings, meter):
         callback.on_start(trainer)
@@ -534,9 +531,9 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
     if world.rank == 0 and not args.data:
         shakespeare_text(DEFAULT_DATA)
     world.barrier()
-    split = (saved_config(args) if args.resume else None) or config  # a resumed run holds out the same
-    text, val_text, report = read_data(args, val_fraction=split.val_fraction, seed=split.seed)
-    trainer = tinyllm.Trainer(config, text, val_text=val_text, callbacks=[report, *callbacks], world=world,
+    data = corpus(args)
+    callbacks.insert(0, tinyllm_data.DataReport(data))
+    trainer = tinyllm.Trainer(config, data, callbacks=callbacks, world=world,
                               quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
     if summary and not args.quiet:
