@@ -465,6 +465,21 @@ def test_training_drives_the_loss_down(tmp_path):
     assert summary["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows), abs=1e-4)
 
 
+def test_a_data_source_may_hand_the_trainer_narrow_token_ids_and_trains_the_same(tmp_path):
+    class NarrowIds:  # as a memory-mapped token file gives them: uint8, with progress wrapped
+        def prepare(self, config, tokenizer):
+            data = tinyllm.prepare_data(config, PLAY, None, tokenizer)
+            return dataclasses.replace(data, train_ids=data.train_ids.to(torch.uint8),
+                                       val_ids=data.val_ids.to(torch.uint8))
+    narrow = tinyllm.Trainer(tiny_config(tmp_path / "a", max_steps=12), NarrowIds(), quiet=True)
+    batches = []
+    narrow.evaluation_progress = lambda pieces, total: batches.append(total) or pieces
+    summary = narrow.train()
+    reference = tinyllm.Trainer(tiny_config(tmp_path / "b", max_steps=12), PLAY, quiet=True).train()
+    assert summary["full_val_loss"] == reference["full_val_loss"]
+    assert batches == [math.ceil(len(narrow.val_ids) // 32 / 8) + 1]  # whole windows, then the tail
+
+
 def test_early_stopping_ends_a_run_after_patience_validations_without_improvement(tmp_path):
     config = tiny_config(tmp_path, val_frequency=1, early_stopping_patience=2)
     trainer = tinyllm.Trainer(config, PLAY, quiet=True)

@@ -1448,10 +1448,11 @@ def log_run_start(trainer: Trainer) -> None:
 
 
 class Trainer:
-    """One training run: `Trainer(config, text).train()` returns the summary (also summary.json). A
-    model, a tokenizer and validation text may be handed in; plug-ins attach as `callbacks`, and a
-    distributed run passes its `world`. With `resume`, the run in config.out_dir continues from its
-    last.pt with its own settings; only out_dir, device and compile come from `config`."""
+    """One training run: `Trainer(config, text).train()` returns the summary (also summary.json). The
+    text may be a data source instead (see TokenData). A model, a tokenizer and validation text may
+    be handed in; plug-ins attach as `callbacks`, and a distributed run passes its `world`. With
+    `resume`, the run in config.out_dir continues from its last.pt with its own settings; only
+    out_dir, device and compile come from `config`."""
 
     STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
 

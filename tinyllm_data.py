@@ -22,14 +22,14 @@ import re
 import tempfile
 import time
 from pathlib import Path, PurePath
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import tinyllm
-from tinyllm import TinyLLMError, logger
+from tinyllm import TinyLLMError, fcntl, logger
 
 # ASCII's "file separator": one character, so one token of the character tokenizer, that ends every
 # document of several; the model learns where files end, and a sample may contain it.
@@ -83,7 +83,7 @@ def read_text(path: Path, named: bool) -> Optional[str]:
         return None
 
 
-def content_sha256(files: Sequence[Tuple[Path, bool]], digest: "hashlib._Hash") -> None:
+def content_sha256(files: Sequence[Tuple[Path, bool]], digest: Any) -> None:
     """Feed every file's length and bytes to `digest`, a megabyte at a time."""
     for path, _ in files:
         with contextlib.suppress(OSError):  # reading it again says what is wrong, by name
@@ -103,7 +103,6 @@ class Document:
     """One file's place in the corpus: its raw and preprocessed sizes, and its pieces."""
 
     path: Path
-    named: bool
     raw_chars: int
     chars: int
     # (start, end, ends the document, validation): the characters of the preprocessed text each piece is
@@ -208,11 +207,12 @@ class Corpus:
         content.update(b"validation:")
         content_sha256(val_files, content)
         entry = TokenFile(self.cache_dir, cache_key(content.hexdigest(), tokenizer, config))
-        data = entry.load()
-        if data is None:
-            data = self._tokenize(files, val_files, config, tokenizer, entry)
-            # The same tokens under the tokenizer made: a run resumed or fine-tuned from this one finds them.
-            entry.alias(cache_key(content.hexdigest(), data.tokenizer, config))
+        with entry.locked():  # the processes of a torchrun job, or two runs: one tokenizes, the rest read
+            data = entry.load()
+            if data is None:
+                data = self._tokenize(files, val_files, config, tokenizer, entry)
+                # The same tokens, named by the tokenizer made: runs resumed or tuned from this one find them.
+                entry.alias(cache_key(content.hexdigest(), data.tokenizer, config))
         tinyllm.check_token_counts(len(data.train_ids), len(data.val_ids), config.max_context, data.chars[1])
         self.report = entry.report
         return data
@@ -223,7 +223,7 @@ class Corpus:
                             f"({skipped} skipped); check --data and --include")
 
     def _survey(self, files: List[Tuple[Path, bool]], config: tinyllm.TrainingConfig) -> tuple:
-        """Read every file once: (documents, skipped files with why, the set of characters)."""
+        """Read every file once: (documents, the files skipped, the set of characters in the rest)."""
         documents, skipped, chars = [], [], set()
         for path, named in files:
             text = read_text(path, named)
@@ -232,7 +232,7 @@ class Corpus:
                 continue
             prepared = tinyllm.prepare_text(text, config.lowercase, config.normalize_whitespace)
             chars.update(prepared)
-            documents.append(Document(path, named, len(text), len(prepared)))
+            documents.append(Document(path, len(text), len(prepared)))
         return documents, skipped, chars
 
     def _read_prepared(self, doc: Document, config: tinyllm.TrainingConfig) -> str:
@@ -322,6 +322,19 @@ class TokenFile:
         self.report: dict = {}
         self.dtype = np.dtype(np.uint8)
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the entry's lock file (where the system has locks): one process at a time builds it."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = open(self.folder / f"{self.key}.lock", "a")
+        except OSError as e:
+            raise self.unwritable(e) from None
+        with lock:
+            if fcntl:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def path(self, is_val: bool) -> Path:
         return self.folder / f"{self.files}.{'val' if is_val else 'train'}"
 
@@ -362,12 +375,10 @@ class TokenFile:
         place only when all is written, so a killed run leaves no half entry."""
         self.dtype = dtype
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
             temporary = {v: tempfile.NamedTemporaryFile(dir=self.folder, prefix=f".{self.path(v).name}.",
                                                         suffix=".tmp", delete=False) for v in (False, True)}
         except OSError as e:
-            raise TinyLLMError(f"cannot write the token cache in {self.folder} ({e.strerror}); "
-                               "give another folder with --token-cache") from None
+            raise self.unwritable(e) from None
         try:
             yield lambda ids, is_val: temporary[is_val].write(ids.astype(dtype).tobytes())
             for is_val, f in temporary.items():
@@ -408,8 +419,11 @@ class TokenFile:
             with tinyllm.atomic_write(path, "w") as f:
                 json.dump(meta, f, ensure_ascii=False)
         except OSError as e:
-            raise TinyLLMError(f"cannot write the token cache's {path} ({e.strerror}); "
-                               "give another folder with --token-cache") from None
+            raise self.unwritable(e) from None
+
+    def unwritable(self, error: OSError) -> TinyLLMError:
+        return TinyLLMError(f"cannot write the token cache in {self.folder} ({error.strerror}); "
+                            "give another folder with --token-cache")
 
 
 class DataReport(tinyllm.Callback):

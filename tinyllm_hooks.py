@@ -16,6 +16,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, NoReturn, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -746,7 +747,14 @@ class ProgressLog(tinyllm.Callback):
                     of_steps, 100 * progress, epoch, of_epochs, loss, rate, duration(elapsed), left)
 
     def on_stop(self, trainer: tinyllm.Trainer, reason: str) -> None:
-        logger.info("scoring the best model on %s validation tokens", f"{trainer.full_val_tokens:,}")
+        trainer.evaluation_progress = functools.partial(self._final_evaluation, trainer)
+
+    @staticmethod
+    def _final_evaluation(trainer: tinyllm.Trainer, batches: Iterator, total: int) -> Iterator:
+        """Say what the minute or so of silence after the last step is."""
+        logger.info("the final evaluation: the best model on %s validation tokens, %d batches",
+                    f"{trainer.full_val_tokens:,}", total)
+        return batches
 
     @staticmethod
     def _progress(trainer: tinyllm.Trainer) -> float:
