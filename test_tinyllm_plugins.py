@@ -348,7 +348,8 @@ def test_the_token_cache_is_hit_then_invalidated_by_a_changed_file_tokenizer_or_
     lowered, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
     assert report["tokens"].startswith("tokenized in ") and "Q" not in lowered.tokenizer.chars
     entry = tmp_path / "tokens" / report["tokens"].rsplit("/", 1)[-1]
-    for damage in ('{"format": 1, "dtype": "float64"', "[]"):  # hand-edited or cut short: built again
+    hand_edited = json.loads(entry.read_text()) | {"chars": ["many", 1]}
+    for damage in ('{"format": 1, "dtype": "float64"', "[]", json.dumps(hand_edited)):  # cut short, edited
         entry.write_text(damage)
         again, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
         assert report["tokens"].startswith("tokenized in ") and again.sha256 == lowered.sha256
@@ -374,6 +375,9 @@ def test_large_texts_are_encoded_in_pieces_and_bpe_fits_on_a_bounded_sample(tmp_
     config = TrainingConfig(max_context=8, tokenizer="bpe", vocab_size=300, val_fraction=0.2)
     data, _ = corpus_data([tmp_path / "docs"], tmp_path, config)
     assert fitted_on and fitted_on[0] <= 500 + 5  # the sample, with a separator between its documents
+    assert data.train_ids.dtype == torch.uint16  # 300 tokens
+    assert [tinyllm_data.token_dtype(n).name for n in (256, 257, 65536, 65537)] == [
+        "uint8", "uint16", "uint16", "uint32"]
     end = tinyllm_data.DOCUMENT_END
     for ids in (data.train_ids, data.val_ids):  # the ids of each whole document, encoded at once
         whole = [data.tokenizer.encode(text + end) for text in decoded(data, ids).split(end)[:-1]]

@@ -105,7 +105,7 @@ class Document:
     path: Path
     raw_chars: int
     chars: int
-    # (start, end, ends the document, validation): the characters of the preprocessed text each piece is
+    # pieces of the preprocessed text: (start, end, followed by DOCUMENT_END, held out for validation)
     segments: List[Tuple[int, int, bool, bool]] = dataclasses.field(default_factory=list)
 
 
@@ -310,6 +310,18 @@ class Corpus:
 # The token cache: <key>.json says what <key>.train and <key>.val hold
 
 
+def check_fields(meta: dict) -> None:
+    """Raise ValueError unless a token cache entry's JSON has every field, of the right kind."""
+    counts = [*meta["chars"], meta["val_chars"], meta["added_tokens"]]
+    hashes = [meta["files"], meta["sha256"]]
+    if meta["format"] != FORMAT or np.dtype(meta["dtype"]) not in (np.uint8, np.uint16, np.uint32) \
+            or not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes) \
+            or len(counts) != 4 or not all(type(n) is int and n >= 0 for n in counts) \
+            or meta["val_chars"] < 1 \
+            or not all(isinstance(meta["report"].get(k), str) for k in ("read", "validation")):
+        raise ValueError("a field is missing or of the wrong kind")
+
+
 class TokenFile:
     """One entry of the token cache: <key>.json, written last, says which pair of raw token files
     (<files>.train, <files>.val) holds the entry's ids, their type and lengths, the tokenizer, and
@@ -345,17 +357,15 @@ class TokenFile:
         try:
             meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
             self.dtype, self.files = np.dtype(meta["dtype"]), meta["files"]
-            if self.dtype not in (np.uint8, np.uint16, np.uint32) or meta["format"] != FORMAT or \
-                    not re.fullmatch(r"[0-9a-f]{64}", self.files):
-                raise ValueError(f"dtype {self.dtype}, format {meta['format']}, files {self.files!r}")
+            check_fields(meta)
             tokenizer = tinyllm.Tokenizer.from_state(meta["tokenizer"], str(self.meta_path))
             train, val = (self._mapped(v, meta[f"{'val' if v else 'train'}_tokens"]) for v in (False, True))
             if int(max(train.max(), val.max())) >= tokenizer.vocab_size:
                 raise ValueError("a token id past the vocabulary")
             self.meta = meta
             self.report = {**meta["report"], "tokens": f"from the token cache, {self.meta_path}"}
-            return tinyllm.TokenData(tokenizer, train, val, tuple(meta["chars"]), int(meta["val_chars"]),
-                                     str(meta["sha256"]), int(meta["added_tokens"]))
+            return tinyllm.TokenData(tokenizer, train, val, tuple(meta["chars"]), meta["val_chars"],
+                                     meta["sha256"], meta["added_tokens"])
         except (OSError, ValueError, KeyError, TypeError, TinyLLMError) as e:
             logger.warning("token cache entry %s is damaged (%s); tokenizing again", self.meta_path,
                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
