@@ -276,6 +276,9 @@ def test_a_folder_is_read_in_sorted_order_through_its_patterns_skipping_what_is_
     assert every_text.count(end) == 5
     with pytest.raises(TinyLLMError, match="looks binary"):  # a file named directly must be text
         corpus_data([code / "bin.py"], tmp_path)
+    if Path("/dev/zero").exists():  # never read to the end, not even to hash it
+        with pytest.raises(TinyLLMError, match="data path /dev/zero is not a regular file"):
+            corpus_data(["/dev/zero"], tmp_path)
     with pytest.raises(TinyLLMError, match=r"no UTF-8 text files matching \*.rs in .*; check --data"):
         corpus_data([code], tmp_path, include=["*.rs"])
 

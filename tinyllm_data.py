@@ -75,6 +75,10 @@ def list_files(paths: Sequence[tinyllm.PathLike], include: Sequence[str] = ()) -
 def read_text(path: Path, named: bool) -> Optional[str]:
     """The file's text; None for a file found in a folder that is not UTF-8 text (binary, another
     encoding, empty), which is skipped. A file named directly must be text."""
+    if not named:  # a checkpoint in a code folder is skipped without reading a gigabyte
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if b"\x00" in f.read(1 << 13):
+                return None
     try:
         return tinyllm.load_text(path)
     except TinyLLMError:
@@ -84,9 +88,12 @@ def read_text(path: Path, named: bool) -> Optional[str]:
 
 
 def content_sha256(files: Sequence[Tuple[Path, bool]], digest: Any) -> None:
-    """Feed every file's length and bytes to `digest`, a megabyte at a time."""
+    """Feed every file's length and bytes to `digest`, a megabyte at a time. What is not a regular
+    file (/dev/zero would be read forever) is left to the reading, which says what is wrong, by name."""
     for path, _ in files:
-        with contextlib.suppress(OSError):  # reading it again says what is wrong, by name
+        with contextlib.suppress(OSError):
+            if not path.is_file():
+                continue
             digest.update(f"{path.stat().st_size}:".encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
