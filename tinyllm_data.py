@@ -72,19 +72,15 @@ def list_files(paths: Sequence[tinyllm.PathLike], include: Sequence[str] = ()) -
     return files
 
 
-def read_text(path: Path, named: bool) -> Optional[str]:
-    """The file's text; None for a file found in a folder that is not UTF-8 text (binary, another
-    encoding, empty), which is skipped. A file named directly must be text."""
-    if not named:  # a checkpoint in a code folder is skipped without reading a gigabyte
+def read_text(path: Path) -> str:
+    """The file's text, or a TinyLLMError that says why it is not UTF-8 text. A binary file is known
+    by its first 8 kB, so a checkpoint in a code folder is never read whole."""
+    if path.is_file():  # a device such as /dev/zero is left to load_text, which says what it is
         with contextlib.suppress(OSError), open(path, "rb") as f:
             if b"\x00" in f.read(1 << 13):
-                return None
-    try:
-        return tinyllm.load_text(path)
-    except TinyLLMError:
-        if named:
-            raise
-        return None
+                raise TinyLLMError(f"data file {path} looks binary (NUL bytes in its first 8 kB); "
+                                   "pass a text file")
+    return tinyllm.load_text(path)
 
 
 def content_sha256(files: Sequence[Tuple[Path, bool]], digest: Any) -> None:
@@ -230,12 +226,16 @@ class Corpus:
                             f"({skipped} skipped); check --data and --include")
 
     def _survey(self, files: List[Tuple[Path, bool]], config: tinyllm.TrainingConfig) -> tuple:
-        """Read every file once: (documents, the files skipped, the set of characters in the rest)."""
+        """Read every file once: (documents, the files skipped with why, the set of characters in the
+        rest). A file found in a folder that is not UTF-8 text is skipped; one named directly must be."""
         documents, skipped, chars = [], [], set()
         for path, named in files:
-            text = read_text(path, named)
-            if text is None:
-                skipped.append(path)
+            try:
+                text = read_text(path)
+            except TinyLLMError as e:
+                if named:
+                    raise
+                skipped.append((path, str(e).split(f"{path} ", 1)[-1].split(";")[0]))  # why, after the name
                 continue
             prepared = tinyllm.prepare_text(text, config.lowercase, config.normalize_whitespace)
             chars.update(prepared)
@@ -297,20 +297,12 @@ class Corpus:
         read = f"{len(documents):,} file{'s' if len(documents) != 1 else ''} read " \
                f"({sum(d.raw_chars for d in documents):,} characters)"
         if skipped:
-            read += f"; {len(skipped):,} skipped as not UTF-8 text or empty, e.g. {skipped[0]} " \
-                    f"({self._why_skipped(skipped[0])})"
+            read += f"; {len(skipped):,} skipped as not UTF-8 text or empty, e.g. {skipped[0][0]} " \
+                    f"({skipped[0][1]})"
         val_total = sum(e - s + ends for d in everything for s, e, ends, is_val in d.segments if is_val)
         given = sum(d.raw_chars + sum(end for _, _, end, _ in d.segments) for d in everything)
         return entry.finish(tokenizer, added=added, chars=(given, total), val_chars=val_total,
                             read=read, validation=validation, seconds=time.perf_counter() - started)
-
-    @staticmethod
-    def _why_skipped(path: Path) -> str:
-        try:
-            tinyllm.load_text(path)
-        except TinyLLMError as e:  # its message names the file; keep the reason after the name
-            return str(e).split(f"{path} ", 1)[-1].split(";")[0]
-        return "changed while read"
 
 
 # ----------------------------------------------------------------------------------------------
