@@ -1008,9 +1008,11 @@ def long_run_args(tmp_path, **changes):
             "--device", "cpu"]
 
 
-def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path):
-    args = long_run_args(tmp_path)
-    whole = run_cli(*args, "--out-dir", tmp_path / "whole")
+def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path, cli, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --threads sets it; put back after the test
+    # Only the killed run needs a process of its own; all three use this process's thread count.
+    args = long_run_args(tmp_path, **{"--threads": torch.get_num_threads()})
+    whole = cli(*args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
     process = start_cli(*args, "--out-dir", cut)
@@ -1021,7 +1023,8 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = tinyllm.load_checkpoint(cut / "last.pt").step
     assert 20 <= killed_at < 200
-    resumed = run_cli("--resume", "--out-dir", cut, "--data", tmp_path / "play.txt", "--quiet")
+    resumed = cli("--resume", "--out-dir", cut, "--data", tmp_path / "play.txt", "--quiet", "--threads",
+                  torch.get_num_threads())
     assert resumed.returncode == 0, resumed.stderr
     a, b = (tinyllm.load_checkpoint(d / "last.pt") for d in (tmp_path / "whole", cut))
     assert a.step == b.step == 200, f"killed at step {killed_at}"
