@@ -221,10 +221,10 @@ def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path
     path = tmp_path / "data" / "shakespeare.txt"
     path.parent.mkdir()
     (path.parent / ".shakespeare.txt.k1ll3d.tmp").write_text("half a download")
-    assert train_shakespeare.shakespeare_text(path) == PLAY and path.read_text() == PLAY
+    assert train_shakespeare.shakespeare_file(path).read_text() == PLAY and path.read_text() == PLAY
     assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]
     (served / "input.txt").unlink()  # a second call must not touch the network
-    assert train_shakespeare.shakespeare_text(path) == PLAY
+    assert train_shakespeare.shakespeare_file(path).read_text() == PLAY
 
 
 def test_download_failure_says_where_to_put_the_file(file_server, tmp_path):

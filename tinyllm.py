@@ -528,7 +528,7 @@ def fixed_batches(ids: torch.Tensor, context: int, batch_size: int, n_batches: i
 def on_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Token ids where batches are cut from them: on a CPU as they are (a memory map stays mapped, not
     read), elsewhere as int32, which every device indexes (not so uint16 or uint32)."""
-    return ids if device.type == "cpu" else ids.to(device, torch.int32 if ids.dtype != torch.long else None)
+    return ids if device.type == "cpu" else ids.to(device, torch.int32)
 
 
 @dataclass

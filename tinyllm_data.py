@@ -111,6 +111,14 @@ class Document:
     # pieces of the preprocessed text: (start, end, followed by DOCUMENT_END, held out for validation)
     segments: List[Tuple[int, int, bool, bool]] = dataclasses.field(default_factory=list)
 
+    @property
+    def separators(self) -> int:
+        return sum(ends for _, _, ends, _ in self.segments)
+
+    @property
+    def val_chars(self) -> int:
+        return sum(end - start + ends for start, end, ends, is_val in self.segments if is_val)
+
 
 def held_out(sizes: Sequence[int], val_fraction: float, seed: int) -> List[int]:
     """The indices of a seeded choice of whole documents holding about `val_fraction` of the
@@ -136,7 +144,7 @@ def plan_segments(documents: List[Document], n_val_documents: int, *, val_fracti
             for doc in group:
                 doc.segments = [(0, doc.chars, len(group) > 1, is_val)]
         return (f"validation: {len(val_docs):,} file(s) given apart "
-                f"({sum(d.chars + (len(val_docs) > 1) for d in val_docs):,} characters)")
+                f"({sum(d.val_chars for d in val_docs):,} characters)")
     if len(documents) == 1:
         doc, n_val = documents[0], int(documents[0].chars * val_fraction)
         doc.segments = [(0, doc.chars - n_val, False, False), (doc.chars - n_val, doc.chars, False, True)]
@@ -145,7 +153,7 @@ def plan_segments(documents: List[Document], n_val_documents: int, *, val_fracti
     for index, doc in enumerate(documents):
         doc.segments = [(0, doc.chars, True, index in val)]
     return (f"validation: {len(val):,} of {len(documents):,} files held out whole "
-            f"({sum(documents[i].chars + 1 for i in val):,} characters, seed {seed}), "
+            f"({sum(d.val_chars for d in documents):,} characters, seed {seed}), "
             f"e.g. {documents[min(val)].path}")
 
 
@@ -280,10 +288,10 @@ class Corpus:
         validation = plan_segments(documents + val_documents, len(val_documents),
                                    val_fraction=config.val_fraction, seed=config.seed)
         everything = documents + val_documents
-        if any(end for doc in everything for _, _, end, _ in doc.segments):
+        if any(doc.separators for doc in everything):
             chars.add(DOCUMENT_END)
         tokenizer, added = self._fitted(everything, chars | val_chars, config, tokenizer)
-        total = sum(doc.chars + sum(end for _, _, end, _ in doc.segments) for doc in everything)
+        total = sum(doc.chars + doc.separators for doc in everything)
         with entry.writer(token_dtype(tokenizer.vocab_size)) as write, \
                 tqdm(total=total, unit="char", unit_scale=True, desc="tokenizing",
                      disable=None if self.progress else True) as bar:
@@ -299,9 +307,9 @@ class Corpus:
         if skipped:
             read += f"; {len(skipped):,} skipped as not UTF-8 text or empty, e.g. {skipped[0][0]} " \
                     f"({skipped[0][1]})"
-        val_total = sum(e - s + ends for d in everything for s, e, ends, is_val in d.segments if is_val)
-        given = sum(d.raw_chars + sum(end for _, _, end, _ in d.segments) for d in everything)
-        return entry.finish(tokenizer, added=added, chars=(given, total), val_chars=val_total,
+        given = sum(doc.raw_chars + doc.separators for doc in everything)
+        return entry.finish(tokenizer, added=added, chars=(given, total),
+                            val_chars=sum(doc.val_chars for doc in everything),
                             read=read, validation=validation, seconds=time.perf_counter() - started)
 
 

@@ -219,21 +219,19 @@ def download(url: str, path: Path, sha256: str, timeout: float = 30.0) -> Path:
     return path
 
 
-def shakespeare_text(path: Path) -> str:
-    """The default data: use the local copy, or download and verify it once."""
+def shakespeare_file(path: Path) -> Path:
+    """The default data's file: the local copy, or downloaded and verified once."""
     for partial in path.parent.glob(f".{path.name}.*.tmp"):  # a download killed midway
         partial.unlink()
     if not path.exists():
         print(f"downloading Tiny Shakespeare to {path} ...", file=sys.stderr)
         download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
-    return tinyllm.load_text(path)
+    return path
 
 
 def corpus(args: argparse.Namespace) -> tinyllm_data.Corpus:
     """--data (or Tiny Shakespeare), --include and --val-data as a data source for the Trainer."""
-    if not args.data:
-        shakespeare_text(DEFAULT_DATA)  # downloaded and checked the first time
-    return tinyllm_data.Corpus(args.data or [DEFAULT_DATA], include=args.include,
+    return tinyllm_data.Corpus(args.data or [shakespeare_file(DEFAULT_DATA)], include=args.include,
                                val_paths=args.val_data or (),
                                cache_dir=args.token_cache, progress=not args.quiet)
 
@@ -529,7 +527,7 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
     # Under torchrun, process 0 downloads the text while the others wait for it.
     world.join(device)
     if world.rank == 0 and not args.data:
-        shakespeare_text(DEFAULT_DATA)
+        shakespeare_file(DEFAULT_DATA)
     world.barrier()
     data = corpus(args)
     callbacks.insert(0, tinyllm_data.DataReport(data))
