@@ -35,7 +35,7 @@ import tinyllm_data
 import tinyllm_hooks
 import tinyllm_inference
 import train_shakespeare
-from test_tinyllm import FAST, PLAY, ROOT, StopAt, tiny_config, tiny_model
+from test_tinyllm import CUDA, FAST, PLAY, ROOT, StopAt, tiny_config, tiny_model
 from tinyllm import CharacterTokenizer, TinyLLMError, TrainingConfig, prepare_text
 
 SCRIPT = ROOT / "train_shakespeare.py"
@@ -462,6 +462,21 @@ def test_a_compiled_one_token_step_gives_the_eager_tokens_with_one_graph_for_eve
     assert torch.equal(out, tinyllm.generate(model, idx, 40, top_k=1))
     assert step.module is not step.eager  # it did not fall back
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # no recompiles
+
+
+@CUDA
+def test_a_compiled_one_token_step_on_cuda_replays_cuda_graphs_and_gives_the_eager_tokens(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # a Trainer on CUDA turns it on
+    torch._dynamo.reset()
+    model = tiny_model().cuda()
+    step = tinyllm_inference.compile_decode_step(model)
+    idx = torch.randint(11, (2, 4), device="cuda")
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    for _ in range(2):  # the second run's new cache has the graph recorded again, not skipped
+        assert torch.equal(tinyllm.generate(model, idx, 40, top_k=1, decode_step=step),
+                           tinyllm.generate(model, idx, 40, top_k=1))
+    assert step.module is not step.eager  # it did not fall back
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips  # written in place
 
 
 def test_the_one_token_step_is_compiled_only_where_the_time_it_saves_exceeds_its_cost(

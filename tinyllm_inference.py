@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
@@ -185,7 +186,24 @@ def compile_decode_step(model: tinyllm.TransformerModel) -> Callable:
     else:
         options["cpp_wrapper"] = True
     compiled = torch.compile(model.logits, dynamic=False, options=options)
-    return tinyllm_hooks.EagerFallback(compiled, model.logits)
+    return tinyllm_hooks.EagerFallback(with_static_cache(compiled) if on_cuda else compiled, model.logits)
+
+
+def with_static_cache(compiled: Callable) -> Callable:
+    """`compiled`, with each new cache's tensors marked as staying at their addresses. A CUDA graph
+    replays fixed addresses, so it skips (runs without graphs) a step that writes in place to an
+    input it would have to copy; a marked cache is written where it lies (as a static cache in
+    Hugging Face transformers does), and a new cache only makes the graph be recorded again."""
+    marked: weakref.WeakSet = weakref.WeakSet()  # the caches marked so far, while they live
+
+    def step(token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache) -> torch.Tensor:
+        if cache not in marked:
+            for tensor in cache.buffers():
+                torch._dynamo.mark_static_address(tensor, guard=False)
+            marked.add(cache)
+        return compiled(token, position, cache)
+
+    return step
 
 
 def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_size: int = 1,
