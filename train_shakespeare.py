@@ -246,7 +246,10 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 def load_for_inference(args: argparse.Namespace) -> tinyllm.Checkpoint:
     """The checkpoint to use, int8-quantized if asked."""
-    checkpoint = tinyllm.load_checkpoint(checkpoint_path(args), tinyllm.resolve_device(args.device or "auto"))
+    device = tinyllm.resolve_device(args.device or "auto")
+    if device.type == "cuda":  # TF32 tensor cores for float32 products, as in training
+        torch.backends.cuda.matmul.allow_tf32 = True
+    checkpoint = tinyllm.load_checkpoint(checkpoint_path(args), device)
     if args.quantize and not checkpoint.model.quantization:
         tinyllm_inference.quantize_int8(checkpoint.model)
     return checkpoint
