@@ -482,8 +482,9 @@ class TokenWindows(Dataset):
         return max(0, (len(self.ids) - 1 - self.offset) // self.context)
 
     def __getitem__(self, index: Union[int, Sequence[int]]) -> tuple:
-        chunk = self.ids[(self.offset + torch.as_tensor(index, device=self.ids.device) * self.context)
-                         .unsqueeze(-1) + self.arange].long()  # ids may be stored narrower (a token file)
+        # A blocking copy of the starts to a GPU would wait there for the previous step to finish.
+        starts = (self.offset + torch.as_tensor(index) * self.context).to(self.ids.device, non_blocking=True)
+        chunk = self.ids[starts.unsqueeze(-1) + self.arange].long()  # ids may be narrower (a token file)
         return chunk[..., :-1], chunk[..., 1:]
 
 
