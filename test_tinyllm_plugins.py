@@ -678,8 +678,8 @@ def test_a_budgeted_run_on_a_gpu_gets_a_batch_and_context_that_fill_it():
     small = tinyllm_hooks.DeviceDescription("GT", 4)
     both = {"batch_size", "max_context"}
     assert tinyllm_hooks.fill_the_device(h200, both) == (
-        {"batch_size": 128, "max_context": 256},
-        "NVIDIA H200 (140 GiB): batch_size 128 and max_context 256 chosen for a budgeted run, to keep the "
+        {"batch_size": 256, "max_context": 256},
+        "NVIDIA H200 (140 GiB): batch_size 256 and max_context 256 chosen for a budgeted run, to keep the "
         "GPU busy")
     assert tinyllm_hooks.fill_the_device(tinyllm_hooks.DeviceDescription("T4", 15.6), both)[0] == {
         "batch_size": 32, "max_context": 256}
