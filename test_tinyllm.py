@@ -413,6 +413,16 @@ def test_top_k_and_top_p_sample_only_from_the_allowed_tokens():
     assert draw() == {0, 1, 2, 3}
 
 
+def test_sampling_draws_tokens_at_their_probabilities_and_as_torch_multinomial_does():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).expand(4000, -1)
+    tokens = tinyllm.sample_next(probs.log(), generator=torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens.flatten(), minlength=5) / len(tokens)
+    assert torch.allclose(shares, probs[0], atol=0.025) and shares[4] == 0
+    # the same generator state gives the very tokens torch.multinomial gives (sampled as before)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tinyllm.sample_next(probs.log(), generator=torch.Generator().manual_seed(1)), expected)
+
+
 def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
     logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -9.0, -6.0]])
     for temperature in (1e-40, 1e-300, 5e-324):

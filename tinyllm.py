@@ -796,7 +796,11 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before them already reached top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    # An exponential race: the token whose probability over an Exp(1) draw is largest wins, with
+    # exactly its probability. torch.multinomial draws one sample this way too (the same draws, so
+    # the same tokens), but first checks the probabilities, which cost more than the draw itself.
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits.softmax(dim=-1) / race).argmax(dim=-1, keepdim=True)
 
 
 def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
