@@ -143,6 +143,7 @@ def test_config_file_fields_are_overridden_by_keyword_overrides(tmp_path):
     ({"learning_rate": 10**400}, "'learning_rate' must be positive"),
     ({"model_size": "huge"}, "unknown model size"),
     ({"tokenizer": "words"}, "unknown tokenizer"),
+    ({"optimizer": "sgd"}, "unknown optimizer 'sgd'; choose one of: adamw, muon"),
     ({"device": "tpu"}, "unknown device"),
     ({"dtype": "int4"}, "unknown dtype"),
 ])
@@ -465,14 +466,42 @@ def test_full_evaluation_scores_every_validation_token_once():
 # Training, metrics and checkpoints
 
 
-def test_training_drives_the_loss_down(tmp_path):
-    config = tiny_config(tmp_path, max_steps=60, learning_rate=1e-2, warmup_steps=5)
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_training_drives_the_loss_down(tmp_path, optimizer):
+    config = tiny_config(tmp_path, max_steps=60, learning_rate=1e-2, warmup_steps=5, optimizer=optimizer)
     summary = tinyllm.Trainer(config, PLAY, quiet=True).train()
     rows = list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))
     first, last = float(rows[0]["train_loss"]), float(rows[-1]["val_loss"])
     assert summary["steps"] == 60 and summary["stopped_because"] == "max_steps"
     assert last < 0.5 * first and summary["full_val_loss"] < 1.5
     assert summary["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows), abs=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(24, 64), (64, 24)])
+def test_orthogonalize_moves_every_direction_at_nearly_the_same_rate(shape):
+    torch.manual_seed(0)
+    left, right = (torch.linalg.qr(torch.randn(n, min(shape)))[0] for n in shape)
+    update = left @ torch.diag(torch.logspace(0, -1.5, min(shape))) @ right.T  # singular values 1 to 0.03
+    result = tinyllm.orthogonalize(update)
+    assert result.shape == shape and result.dtype == update.dtype
+    assert all(0.6 < value < 1.25 for value in torch.linalg.svdvals(result))
+    in_update_directions = left.T @ result @ right  # diagonal: the update's own directions, rescaled
+    assert torch.allclose(in_update_directions, in_update_directions.diag().diag(), atol=1e-4)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_every_other_weight(tmp_path):
+    trainer = tinyllm.Trainer(tiny_config(tmp_path, out_dir=None), PLAY, quiet=True)
+    muon, adamw = trainer.optimizer.optimizers
+    ids = {name: {id(p) for group in o.param_groups for p in group["params"]}
+           for name, o in (("muon", muon), ("adamw", adamw))}
+    assert isinstance(muon, tinyllm.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert ids["muon"] == {id(p) for p in trainer.model.blocks.parameters() if p.dim() == 2}
+    assert ids["muon"] | ids["adamw"] == {id(p) for p in trainer.model.parameters()}
+    assert not ids["muon"] & ids["adamw"]
+    trainer.optimizer.load_state_dict(trainer.optimizer.state_dict())  # as a resumed run does
+    for group in trainer.optimizer.param_groups:  # as the schedule does
+        group["lr"] = 0.5
+    assert all(group["lr"] == 0.5 for o in trainer.optimizer.optimizers for group in o.param_groups)
 
 
 def test_a_data_source_may_hand_the_trainer_narrow_token_ids_and_trains_the_same(tmp_path):
@@ -630,6 +659,10 @@ def test_checkpoint_round_trip_reproduces_logits_exactly(tmp_path):
     assert (loaded.step, loaded.epoch, loaded.best_val_loss, loaded.config) == (7, 1, 1.25, config)
     assert loaded.tokenizer.chars == tokenizer.chars and loaded.optimizer_state["state"]
     assert torch.equal(TransformerModel.from_checkpoint(tmp_path / "c.pt")(idx)[0], model(idx)[0])
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    del state["config"]["optimizer"]  # as checkpoints from before the setting: they trained with AdamW
+    torch.save(state, tmp_path / "old.pt")
+    assert tinyllm.load_checkpoint(tmp_path / "old.pt").config.optimizer == "adamw"
 
 
 def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):

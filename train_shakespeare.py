@@ -48,7 +48,7 @@ CONFIG_FLAGS = {name: name for name in (
     "tokenizer", "vocab_size", "epochs", "max_steps", "time_budget", "batch_size", "learning_rate",
     "max_context", "val_frequency", "checkpoint_frequency", "sample_frequency", "temperature",
     "lowercase", "normalize_whitespace", "seed", "device", "dtype", "compile", "out_dir", "n_layer",
-    "n_head", "n_embd", "dropout", "init_from")}
+    "n_head", "n_embd", "dropout", "init_from", "optimizer")}
 CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
 # The library names a setting as `field` in its messages; here each becomes its flag.
 FLAG_OF = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
@@ -136,6 +136,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              ("learning-rate", float, "peak learning rate"),
                              ("seed", int, "seeds the weights, the batch order and the samples")]:
         g.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag.replace('-', '_'))})")
+    g.add_argument("--optimizer", help=f"{', '.join(tinyllm.OPTIMIZERS.names())}: muon orthogonalises the "
+                   f"blocks' updates, adamw is the classic (default: {default('optimizer')})")
     g.add_argument("--config", type=Path, help="JSON file of TrainingConfig fields; flags override it")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     g.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of 3) "
@@ -489,7 +491,8 @@ def saved_config(args: argparse.Namespace) -> Optional[tinyllm.TrainingConfig]:
     if not last.is_file():
         return None
     try:  # only the config: memory-mapped, the weights are not read (the trainer loads them next)
-        return tinyllm.TrainingConfig.from_dict(torch.load(last, mmap=True, weights_only=True)["config"])
+        saved = torch.load(last, mmap=True, weights_only=True)
+        return tinyllm.TrainingConfig.from_checkpoint(saved["config"])
     except Exception:
         return None
 
