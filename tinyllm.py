@@ -373,7 +373,7 @@ class TrainingConfig:
         if self.dtype not in DTYPES:
             raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         tokenizer = TOKENIZERS[self.tokenizer]  # an unknown name raises TinyLLMError listing the known ones
-        OPTIMIZERS[self.optimizer]
+        OPTIMIZERS[self.optimizer]  # an unknown name raises TinyLLMError, as for the tokenizer
         if self.vocab_size is not None and not tokenizer.learns_vocabulary:
             raise TinyLLMError(f"config field 'vocab_size' applies only to tokenizers that learn their "
                                f"vocabulary, such as bpe; the {self.tokenizer!r} tokenizer has a fixed one")
@@ -1407,8 +1407,8 @@ def scheduled_learning_rate(config: TrainingConfig, step: int, total_steps: int,
     return config.learning_rate * (0.1 + 0.9 * min(1.0, max(0.0, (1 - progress) / 0.3)))
 
 
-def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """`update` with its singular values pushed towards 1 (between about 0.7 and 1.2) by Muon's quintic
+def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """`update` with its singular values pushed towards 1 (to about 0.6-1.2) by `steps` of Muon's quintic
     Newton-Schulz iteration: the same directions, each moved at the same rate."""
     a, b, c = 3.4445, -4.7750, 2.0315  # Muon's coefficients: fast rather than exact
     x = update.float()
@@ -1429,7 +1429,7 @@ class Muon(Optimizer):
     runs on a CPU, 3 learned more per second than 5 (and 2 much less)."""
 
     def __init__(self, params: Any, lr: float, *, weight_decay: float = 0.1, momentum: float = 0.95,
-                 ns_steps: int = 3):
+                 ns_steps: int = 3):  # the iterations of `orthogonalize`
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                                   "ns_steps": ns_steps})
 
