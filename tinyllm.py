@@ -1411,14 +1411,13 @@ def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
     """`update` with its singular values pushed towards 1 (to about 0.6-1.2) by `steps` of Muon's quintic
     Newton-Schulz iteration: the same directions, each moved at the same rate."""
     a, b, c = 3.4445, -4.7750, 2.0315  # Muon's coefficients: fast rather than exact
-    x = update.float()
-    if x.shape[0] > x.shape[1]:  # iterate on the smaller Gram matrix
-        x = x.T
+    tall = update.shape[0] > update.shape[1]
+    x = update.float().T if tall else update.float()  # iterate on the smaller Gram matrix
     x = x / x.norm().clamp(min=1e-7)  # every singular value at most 1
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # ax + (bG + cG²)x
-    return (x.T if update.shape[0] > update.shape[1] else x).to(update.dtype)
+    return (x.T if tall else x).to(update.dtype)
 
 
 class Muon(Optimizer):
