@@ -29,7 +29,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -1398,26 +1398,29 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable:
 
 def scheduled_learning_rate(config: TrainingConfig, step: int, total_steps: int,
                             budget_spent: float) -> float:
-    """Warmup-stable-decay: a linear warmup, the peak rate, then a linear decay to a tenth over the last
-    30% of the run, by steps or by the time budget spent. In 180-s runs it beat a cosine decay by 0.03."""
+    """Warmup-stable-decay: a linear warmup, the peak rate, then a linear decay to a tenth over the second
+    half of the run, by steps or by the time budget spent. In 180-s runs it beat a cosine decay by 0.03
+    (and a decay over the last 30% by 0.01 with Muon)."""
     warmup = min(config.warmup_steps, total_steps // 5)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
     progress = max((step - warmup) / max(1, total_steps - warmup), budget_spent)
-    return config.learning_rate * (0.1 + 0.9 * min(1.0, max(0.0, (1 - progress) / 0.3)))
+    return config.learning_rate * (0.1 + 0.9 * min(1.0, max(0.0, (1 - progress) / 0.5)))
 
 
 def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """`update` with its singular values pushed towards 1 (to about 0.6-1.2) by `steps` of Muon's quintic
-    Newton-Schulz iteration: the same directions, each moved at the same rate."""
+    """`update` (..., rows, cols), each matrix with its singular values pushed towards 1 (to about
+    0.6-1.2) by `steps` of Muon's quintic Newton-Schulz iteration: the same directions, each moved at
+    the same rate."""
     a, b, c = 3.4445, -4.7750, 2.0315  # Muon's coefficients: fast rather than exact
-    tall = update.shape[0] > update.shape[1]
-    x = update.float().T if tall else update.float()  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=1e-7)  # every singular value at most 1
+    tall = update.shape[-2] > update.shape[-1]
+    x = update.float().reshape(-1, *update.shape[-2:])  # a batch of matrices, iterated at once
+    x = x.mT if tall else x  # iterate on the smaller Gram matrices
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)  # every singular value at most 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # ax + (bG + cG²)x
-    return (x.T if tall else x).to(update.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # ax + (bG + cG²)x
+    return (x.mT if tall else x).reshape(update.shape).to(update.dtype)
 
 
 class Muon(Optimizer):
@@ -1428,9 +1431,10 @@ class Muon(Optimizer):
     runs on a CPU, 3 learned more per second than 5 (and 2 much less)."""
 
     def __init__(self, params: Any, lr: float, *, weight_decay: float = 0.1, momentum: float = 0.95,
-                 ns_steps: int = 3):  # the iterations of `orthogonalize`
+                 ns_steps: int = 3, parts: Optional[Mapping[torch.Tensor, int]] = None):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                                  "ns_steps": ns_steps})
+                                  "ns_steps": ns_steps})  # ns_steps: the iterations of `orthogonalize`
+        self.parts = dict(parts or {})  # weights that stack matrices by rows: how many, each orthogonalised
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
@@ -1438,9 +1442,10 @@ class Muon(Optimizer):
             for p in (p for p in group["params"] if p.grad is not None):
                 momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 momentum.lerp_(p.grad, 1 - group["momentum"])
-                update = orthogonalize(p.grad.lerp(momentum, group["momentum"]), group["ns_steps"])
+                update = p.grad.lerp(momentum, group["momentum"]).view(self.parts.get(p, 1), -1, p.shape[1])
+                update = orthogonalize(update, group["ns_steps"])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+                p.add_(update.reshape(p.shape), alpha=-group["lr"] * 0.2 * math.sqrt(max(update.shape[1:])))
 
 
 class OptimizerPair:
@@ -1485,7 +1490,11 @@ def adamw_optimizer(model: nn.Module, config: TrainingConfig, device: torch.devi
 def muon_optimizer(model: TransformerModel, config: TrainingConfig, device: torch.device) -> OptimizerPair:
     """Muon for the blocks' weight matrices; AdamW for the embeddings, the head and the gains."""
     hidden = [p for p in model.blocks.parameters() if p.dim() == 2 and p.requires_grad]
-    return OptimizerPair(Muon(hidden, config.learning_rate, weight_decay=config.weight_decay),
+    # Queries, keys and values share one product, and so do the gate and its value: orthogonalising
+    # each matrix on its own learned more in 180-s runs than orthogonalising the stack.
+    parts = {**{block.attn.qkv.weight: 3 for block in model.blocks},
+             **{block.ffn.up.weight: 2 for block in model.blocks}}
+    return OptimizerPair(Muon(hidden, config.learning_rate, weight_decay=config.weight_decay, parts=parts),
                          adamw_optimizer(model, config, device, skip=hidden))
 
 
