@@ -484,7 +484,7 @@ def test_orthogonalize_moves_every_direction_at_nearly_the_same_rate(shape):
     update = left @ torch.diag(torch.logspace(0, -1.5, min(shape))) @ right.T  # singular values 1 to 0.03
     result = tinyllm.orthogonalize(update)
     assert result.shape == shape and result.dtype == update.dtype
-    assert all(0.6 < value < 1.25 for value in torch.linalg.svdvals(result))
+    assert all(0.7 < value < 1.4 for value in torch.linalg.svdvals(result))
     in_update_directions = left.T @ result @ right  # diagonal: the update's own directions, rescaled
     assert torch.allclose(in_update_directions, in_update_directions.diag().diag(), atol=1e-4)
     other = torch.randn(shape)
