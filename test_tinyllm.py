@@ -493,13 +493,17 @@ def test_orthogonalize_moves_every_direction_at_nearly_the_same_rate(shape):
     assert torch.allclose(batch[1], tinyllm.orthogonalize(other), atol=1e-5)
 
 
-def test_muon_orthogonalises_each_matrix_of_a_stacked_weight_on_its_own():
+def test_muon_orthogonalises_each_matrix_on_its_own_also_when_stacked_or_batched():
     torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.zeros(8, 3))
-    weight.grad = torch.randn(8, 3)
-    tinyllm.Muon([weight], lr=1.0, weight_decay=0.0, momentum=0.0, parts={weight: 2}).step()
-    for rows in (slice(0, 4), slice(4, 8)):  # two 4 x 3 matrices, each orthogonalised on its own
-        expected = -0.2 * math.sqrt(4) * tinyllm.orthogonalize(weight.grad[rows])
+    shapes = [(8, 3), (4, 3), (3, 5)]
+    stacked, same_shape, other_shape = (torch.nn.Parameter(torch.zeros(*shape)) for shape in shapes)
+    for weight in (stacked, same_shape, other_shape):
+        weight.grad = torch.randn(weight.shape)
+    tinyllm.Muon([stacked, same_shape, other_shape], lr=1.0, weight_decay=0.0, momentum=0.0,
+                 parts={stacked: 2}).step()  # the three 4 x 3 matrices are orthogonalised in one batch
+    for weight, rows in [(stacked, slice(0, 4)), (stacked, slice(4, 8)), (same_shape, slice(0, 4)),
+                         (other_shape, slice(0, 3))]:
+        expected = -0.2 * math.sqrt(max(weight[rows].shape)) * tinyllm.orthogonalize(weight.grad[rows])
         assert torch.allclose(weight.detach()[rows], expected, atol=1e-5)
 
 

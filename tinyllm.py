@@ -1428,6 +1428,20 @@ def orthogonalize(update: torch.Tensor) -> torch.Tensor:
     return (x.mT if tall else x).reshape(update.shape).to(update.dtype)
 
 
+def orthogonalize_together(updates: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """`orthogonalize` of each of `updates` (n, rows, cols), those of one shape stacked into one batch:
+    fewer, larger products (every layer's matrices of a shape at once)."""
+    same_shape: dict = {}
+    for i, update in enumerate(updates):
+        same_shape.setdefault(update.shape[1:], []).append(i)
+    done: List[torch.Tensor] = list(updates)
+    for indices in same_shape.values():
+        stacked = orthogonalize(torch.cat([updates[i] for i in indices]))
+        for i, part in zip(indices, stacked.split([len(updates[i]) for i in indices])):
+            done[i] = part
+    return done
+
+
 class Muon(Optimizer):
     """Muon (Keller Jordan, 2024) for weight matrices: Nesterov momentum, each update orthogonalised,
     then scaled to the size of a typical AdamW update so that one learning rate serves both. It is
@@ -1443,11 +1457,14 @@ class Muon(Optimizer):
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
                 momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 momentum.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(momentum, group["momentum"]).view(self.parts.get(p, 1), -1, p.shape[1])
-                update = orthogonalize(update)
+                update = p.grad.lerp(momentum, group["momentum"])
+                updates.append(update.view(self.parts.get(p, 1), -1, p.shape[1]))
+            for p, update in zip(params, orthogonalize_together(updates)):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.reshape(p.shape), alpha=-group["lr"] * 0.2 * math.sqrt(max(update.shape[1:])))
 
