@@ -586,6 +586,9 @@ def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pa
     assert isinstance(trainer.train_model, tinyllm_hooks.EagerFallback)
     assert any("compiled" in call for call in calls) and "torch.compile on: 0.1200 s per step" in caplog.text
     assert "training in float32 eager" in caplog.text
+    trainer, calls = measured(seconds, time_budget=200.0)  # 40% faster on record: compiled, not timed again
+    assert isinstance(trainer.train_model, tinyllm_hooks.EagerFallback) and calls == []
+    assert "torch.compile on: measured before at 0.1200 s per step against 0.2000 eager" in caplog.text
     # Measured now: 40% of 10 s is less than a warm compile, guessed at a fifth of the cold 25 s.
     trainer, calls = measured(seconds, time_budget=10.0)
     assert trainer.train_model is trainer.eager_model and calls == []  # the record answered
@@ -594,6 +597,8 @@ def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pa
                               time_budget=200.0, batch_size=4)  # another batch: measured afresh
     assert trainer.dtype == torch.bfloat16 and trainer.train_model is trainer.eager_model
     assert "torch.compile off: 0.1500 s per step against 0.1000 eager" in caplog.text
+    trainer, calls = measured(seconds, time_budget=200.0, dropout=0.1)  # dropout: measured afresh
+    assert any(call.startswith("float32 eager") for call in calls)
 
 
 def test_a_compiled_step_once_measured_slower_is_timed_again_in_a_long_enough_run(measured, caplog):

@@ -161,6 +161,9 @@ MEASUREMENTS = CACHE / "tinyllm" / "measurements.json"
 GUESSED_GAIN, GUESSED_COMPILE_SECONDS, WARM_COMPILE_SHARE = 0.3, 30.0, 0.2
 SHORTEST_MEASURED_RUN = 60.0  # seconds: timing the candidates takes a few, which a shorter run keeps
 RECHECKS_A_RUN_PAYS = 20  # a compiled step measured slower is timed again in runs 20 times its cost
+# A compiled step recorded this much faster than eager is compiled without timing both again: that took
+# 2-4 s of a 180-s run, and the records are each setting's fastest timing, so other load does not bias them.
+TRUSTED_GAIN = 0.15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,10 +254,11 @@ def chip_name(device: torch.device) -> str:
 
 
 def machine_key(trainer: tinyllm.Trainer) -> str:
-    """What a measurement depends on: the chip, torch, the model's shape and the batch."""
+    """What a measurement depends on: the chip, torch, the model's shape, its dropout and the batch."""
     m, c = trainer.model.config, trainer.config
+    dropout = f", dropout {m.dropout}" if m.dropout else ""  # dropout 0.1 made a step 1.8x slower here
     return (f"{chip_name(trainer.device)} | torch {torch.__version__} | {m.n_layer}x{m.n_head}x{m.n_embd}, "
-            f"vocab {m.vocab_size} | batch {c.batch_size} x {c.max_context}")
+            f"vocab {m.vocab_size}{dropout} | batch {c.batch_size} x {c.max_context}")
 
 
 class MeasuredSettings(tinyllm.Callback):
@@ -332,10 +336,14 @@ class MeasuredSettings(tinyllm.Callback):
             logger.info("torch.compile off: it would save %.0f%% (%s) of the %.0f s left, less than its "
                         "cost of %.0f s", 100 * gain, "measured" if known else "a guess", remaining, cost)
             return None
+        if pays and known is not None and gain >= TRUSTED_GAIN:
+            logger.info("torch.compile on: measured before at %.4f s per step against %.4f eager",
+                        known, eager_step)
+            return torch.compile(trainer.eager_model, dynamic=False)
         if recheck:
             logger.info("torch.compile: measured slower before (%.4f s per step against %.4f eager); timing "
                         "it again", known, eager_step)
-        # Timed afresh, beside the compiled step: a timing from another run may have met other load.
+        # Timed afresh, beside the compiled step: a small recorded gain could be another run's load.
         eager_step = self._record(best, self.timer(trainer, best, trainer.eager_model)[1])
         compiled = torch.compile(trainer.eager_model, dynamic=False)
         try:
