@@ -631,7 +631,11 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # the new positions' keys and values join the cache; the mask hides its later slots
             k, v = cache.update(layer, positions, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if torch.compiler.is_compiling():  # written out, torch.compile fuses it with its neighbours
+                scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+                y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+            else:  # eager, the fused kernel is faster than these four operations
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

@@ -183,8 +183,8 @@ def compile_decode_step(model: tinyllm.TransformerModel) -> Callable:
     options = {"guard_filter_fn": skip_module_guards} if skip_module_guards else {}
     if on_cuda:
         options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-    else:
-        options["cpp_wrapper"] = True
+    else:  # at batch 1, Inductor writes the matrix-vector products as its own loops: no library calls
+        options.update(cpp_wrapper=True, post_grad_fusion_options={"decompose_mm_pass": {}})
     compiled = torch.compile(model.logits, dynamic=False, options=options)
     return tinyllm_hooks.EagerFallback(with_static_cache(compiled) if on_cuda else compiled, model.logits)
 
