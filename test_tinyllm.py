@@ -577,6 +577,34 @@ def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_r
     assert "no step limit, time budget 3 s" in (tmp_path / "out" / "tinyllm_training.log").read_text()
 
 
+def test_a_time_budget_reckons_the_work_after_the_last_step_at_the_pace_last_timed(tmp_path, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(tinyllm.time, "perf_counter", lambda: now[0])
+    clock = tinyllm.RunClock(100.0, 30_000, sample_tokens=6_000)
+    now[0] += 10.0  # 10 s of training, 20,000 tokens: 2,000 a second
+    assert clock.final_seconds(0) == 0.0  # nothing to go by yet
+    guessed = (30_000 + 6_000) / 3_000  # forward passes at 1.5x the training pace
+    assert clock.final_seconds(20_000) == pytest.approx(guessed)
+    assert clock.budget_spent(20_000) == pytest.approx((10 + guessed) / 100)
+    clock.forward_rate, clock.sample_seconds, clock.save_seconds = 10_000.0, 0.5, 0.2
+    assert clock.final_seconds(20_000) == pytest.approx(1.25 * (3.0 + 0.5) + 0.2)  # timed: a quarter to spare
+    monkeypatch.undo()
+
+    class AfterStepOne(tinyllm.Callback):
+        def __init__(self):
+            self.seen = None
+
+        def on_step_end(self, trainer):
+            if trainer.state.step == 1:
+                self.seen = (trainer.clock.forward_rate, trainer.state.last_val_step)
+
+    seen = AfterStepOne()
+    trainer = tinyllm.Trainer(tiny_config(tmp_path, max_steps=3), PLAY, quiet=True, callbacks=[seen])
+    trainer.train()
+    assert seen.seen[0] > 0 and seen.seen[1] == -1  # timed at the first step, long before a validation
+    assert trainer.clock.sample_seconds > 0  # and the final sample's time is kept
+
+
 def test_the_final_evaluation_of_a_large_split_scores_a_seeded_choice_of_whole_windows(tmp_path):
     model, ids = tiny_model(), torch.randint(11, (16 * 50 + 1,))  # 50 windows of max_context 16
     assert tinyllm.scored_tokens(len(ids), 16, None) == tinyllm.scored_tokens(len(ids), 16, 800) == 800

@@ -1158,11 +1158,14 @@ class RunClock:
     and tokens/s since the last report."""
 
     def __init__(self, budget: Optional[float] = None, final_tokens: int = 0,
-                 state: Optional[RunState] = None):
+                 state: Optional[RunState] = None, sample_tokens: int = 0):
         state = state or RunState()
         self.budget, self.final_tokens = budget, final_tokens  # final: tokens scored after the last step
+        self.sample_tokens = sample_tokens  # the final sample's cost before one is timed, in forward tokens
         self.start = time.perf_counter() - state.elapsed_seconds  # a resumed run counts the time spent
         self.untimed, self.save_seconds = state.untimed_seconds, 0.0  # save: the latest checkpoint's
+        self.forward_rate: Optional[float] = None  # tokens/s of the latest timed validation forward passes
+        self.sample_seconds: Optional[float] = None  # the latest sample's
         self.window = (self.train_seconds(), state.tokens_seen)  # training seconds and tokens, last report
 
     def elapsed(self) -> float:
@@ -1173,15 +1176,23 @@ class RunClock:
 
     def budget_spent(self, tokens_per_process: int) -> float:
         """The share of the time budget spent (0 without one), counting the work after the last step
-        too, so the budget covers the whole run. A forward pass costs about a third of a training step
-        per token; counting two thirds leaves a margin."""
+        too, so the budget covers the whole run."""
         if self.budget is None:
             return 0.0
-        final_seconds = 0.0
-        if tokens_per_process:
-            forward_tokens_per_second = 1.5 * tokens_per_process / max(self.train_seconds(), 1e-9)
-            final_seconds = self.final_tokens / forward_tokens_per_second + self.save_seconds
-        return (self.elapsed() + final_seconds) / self.budget
+        return (self.elapsed() + self.final_seconds(tokens_per_process)) / self.budget
+
+    def final_seconds(self, tokens_per_process: int) -> float:
+        """The time the work after the last step will take: scoring `final_tokens` and sampling, at the
+        pace last timed with a quarter to spare, and a save. Not yet timed, a forward pass is counted at
+        two thirds of a training step's time per token (it costs about a third)."""
+        if not tokens_per_process:
+            return 0.0
+        guessed_rate = 1.5 * tokens_per_process / max(self.train_seconds(), 1e-9)
+        scoring = 1.25 * self.final_tokens / self.forward_rate if self.forward_rate else (
+            self.final_tokens / guessed_rate)
+        sampling = 1.25 * self.sample_seconds if self.sample_seconds is not None else (
+            self.sample_tokens / guessed_rate)
+        return scoring + sampling + self.save_seconds
 
     @contextlib.contextmanager
     def untimed_block(self) -> Iterator[None]:
@@ -1680,14 +1691,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, shared out among the processes."""
+    def evaluate(self, batches: Optional[int] = None) -> float:
+        """Mean loss over the fixed validation batches (the first `batches`), shared out among the
+        processes. Their pace is kept: the time budget reckons the work after the last step from it."""
+        started = time.perf_counter()
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            mine = self.val_batches[self.world.rank::self.world.size]
+            mine = self.val_batches[:batches][self.world.rank::self.world.size]
             losses = [self.model(x, y)[1].float() for x, y in mine]
         self.model.train()
-        return self.world.mean(sum(losses, torch.zeros((), device=self.device)), len(losses))
+        loss = self.world.mean(sum(losses, torch.zeros((), device=self.device)), len(losses))
+        self.clock.forward_rate = sum(y.numel() for _, y in mine) / max(time.perf_counter() - started, 1e-9)
+        return loss
 
     def request_stop(self) -> None:
         """End the run after the current step (a signal handler may call this)."""
@@ -1700,8 +1715,8 @@ class Trainer:
             self.run_dir.open(self.config, self.tokenizer, resumed_at=self.resumed_at, quiet=self.quiet)
             log_run_start(self)
             c = self.config  # from here on the time counts, against a time budget too
-            final = self.full_val_tokens + (c.val_batches * c.batch_size + c.sample_length) * c.max_context
-            self.clock = RunClock(c.time_budget, final, self.state)
+            final = self.full_val_tokens + c.val_batches * c.batch_size * c.max_context
+            self.clock = RunClock(c.time_budget, final, self.state, c.sample_length * c.max_context)
             self._hook("on_start")
             return self._finish(self._loop())
         finally:
@@ -1749,6 +1764,8 @@ class Trainer:
             self.state.recent_losses[-1].item()  # wait for the device
             logger.info("first step took %.1f s (%s)", self.clock.discard(self.state.tokens_seen),
                         "warm-up" if self.train_model is self.eager_model else "compilation and warm-up")
+            with self.clock.untimed_block():  # a short run validates only at its end: time a forward pass now
+                self.evaluate(batches=self.world.size)
         self._hook("on_step_end")  # first: the step's loss is in recent_losses until a validation
         if step % c.val_frequency == 0:
             self._validate()
@@ -1805,9 +1822,11 @@ class Trainer:
         if not self.run_dir.main:
             return ""
         with self.clock.untimed_block():
+            started = time.perf_counter()
             text = sample_text(self.model, self.tokenizer, c.sample_prompt, c.sample_length,
                                temperature=c.temperature, lowercase=c.lowercase,
                                normalize_whitespace=c.normalize_whitespace)
+            self.clock.sample_seconds = time.perf_counter() - started
             label = label or f"step {self.state.step}"
             logger.info("sample at %s:\n%s", label, text)
             self.run_dir.write("samples.txt", f"=== {label} ===\n{text}\n\n", append=True)
