@@ -1691,13 +1691,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def evaluate(self, batches: Optional[int] = None) -> float:
-        """Mean loss over the fixed validation batches (the first `batches`), shared out among the
-        processes. Their pace is kept: the time budget reckons the work after the last step from it."""
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches, shared out among the processes."""
+        return self.validation_loss(self.val_batches)
+
+    def validation_loss(self, batches: Sequence[tuple]) -> float:
+        """Mean loss over `batches`, shared out among the processes. Their pace is kept: the time
+        budget reckons the work after the last step from it."""
         started = time.perf_counter()
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            mine = self.val_batches[:batches][self.world.rank::self.world.size]
+            mine = batches[self.world.rank::self.world.size]
             losses = [self.model(x, y)[1].float() for x, y in mine]
         self.model.train()
         loss = self.world.mean(sum(losses, torch.zeros((), device=self.device)), len(losses))
@@ -1765,7 +1769,7 @@ class Trainer:
             logger.info("first step took %.1f s (%s)", self.clock.discard(self.state.tokens_seen),
                         "warm-up" if self.train_model is self.eager_model else "compilation and warm-up")
             with self.clock.untimed_block():  # a short run validates only at its end: time a forward pass now
-                self.evaluate(batches=self.world.size)
+                self.validation_loss(self.val_batches[:self.world.size])
         self._hook("on_step_end")  # first: the step's loss is in recent_losses until a validation
         if step % c.val_frequency == 0:
             self._validate()
