@@ -586,8 +586,10 @@ def test_a_time_budget_reckons_the_work_after_the_last_step_at_the_pace_last_tim
     guessed = (30_000 + 6_000) / 3_000  # forward passes at 1.5x the training pace
     assert clock.final_seconds(20_000) == pytest.approx(guessed)
     assert clock.budget_spent(20_000) == pytest.approx((10 + guessed) / 100)
-    clock.forward_rate, clock.sample_seconds, clock.save_seconds = 10_000.0, 0.5, 0.2
-    assert clock.final_seconds(20_000) == pytest.approx(1.25 * (3.0 + 0.5) + 0.2)  # timed: a quarter to spare
+    clock.forward_rate = 10_000.0  # timed: counted with a quarter to spare, the sample too until it is timed
+    assert clock.final_seconds(20_000) == pytest.approx(1.25 * (30_000 + 6_000) / 10_000)
+    clock.sample_seconds, clock.save_seconds = 0.5, 0.2
+    assert clock.final_seconds(20_000) == pytest.approx(1.25 * (3.0 + 0.5) + 0.2)
     monkeypatch.undo()
 
     class AfterStepOne(tinyllm.Callback):
@@ -599,7 +601,8 @@ def test_a_time_budget_reckons_the_work_after_the_last_step_at_the_pace_last_tim
                 self.seen = (trainer.clock.forward_rate, trainer.state.last_val_step)
 
     seen = AfterStepOne()
-    trainer = tinyllm.Trainer(tiny_config(tmp_path, max_steps=3), PLAY, quiet=True, callbacks=[seen])
+    trainer = tinyllm.Trainer(tiny_config(tmp_path, max_steps=3, time_budget=600.0), PLAY, quiet=True,
+                              callbacks=[seen])
     trainer.train()
     assert seen.seen[0] > 0 and seen.seen[1] == -1  # timed at the first step, long before a validation
     assert trainer.clock.sample_seconds > 0  # and the final sample's time is kept

@@ -1188,11 +1188,9 @@ class RunClock:
         if not tokens_per_process:
             return 0.0
         guessed_rate = 1.5 * tokens_per_process / max(self.train_seconds(), 1e-9)
-        scoring = 1.25 * self.final_tokens / self.forward_rate if self.forward_rate else (
-            self.final_tokens / guessed_rate)
-        sampling = 1.25 * self.sample_seconds if self.sample_seconds is not None else (
-            self.sample_tokens / guessed_rate)
-        return scoring + sampling + self.save_seconds
+        rate = self.forward_rate / 1.25 if self.forward_rate else guessed_rate
+        sampling = self.sample_tokens / rate if self.sample_seconds is None else 1.25 * self.sample_seconds
+        return self.final_tokens / rate + sampling + self.save_seconds
 
     @contextlib.contextmanager
     def untimed_block(self) -> Iterator[None]:
@@ -1768,8 +1766,9 @@ class Trainer:
             self.state.recent_losses[-1].item()  # wait for the device
             logger.info("first step took %.1f s (%s)", self.clock.discard(self.state.tokens_seen),
                         "warm-up" if self.train_model is self.eager_model else "compilation and warm-up")
-            with self.clock.untimed_block():  # a short run validates only at its end: time a forward pass now
-                self.validation_loss(self.val_batches[:self.world.size])
+            if self.clock.budget is not None:  # a short run validates only at its end: time forward passes
+                with self.clock.untimed_block():
+                    self.validation_loss(self.val_batches[:self.world.size])
         self._hook("on_step_end")  # first: the step's loss is in recent_losses until a validation
         if step % c.val_frequency == 0:
             self._validate()
