@@ -1158,7 +1158,7 @@ class RunClock:
     and tokens/s since the last report."""
 
     def __init__(self, budget: Optional[float] = None, final_tokens: int = 0,
-                 state: Optional[RunState] = None, sample_tokens: int = 0):
+                 state: Optional[RunState] = None, *, sample_tokens: int = 0):
         state = state or RunState()
         self.budget, self.final_tokens = budget, final_tokens  # final: tokens scored after the last step
         self.sample_tokens = sample_tokens  # the final sample's cost before one is timed, in forward tokens
@@ -1718,7 +1718,8 @@ class Trainer:
             log_run_start(self)
             c = self.config  # from here on the time counts, against a time budget too
             final = self.full_val_tokens + c.val_batches * c.batch_size * c.max_context
-            self.clock = RunClock(c.time_budget, final, self.state, c.sample_length * c.max_context)
+            sample = c.sample_length * c.max_context  # a sample counted as that many forward tokens until timed
+            self.clock = RunClock(c.time_budget, final, self.state, sample_tokens=sample)
             self._hook("on_start")
             return self._finish(self._loop())
         finally:
