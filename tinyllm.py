@@ -1718,7 +1718,7 @@ class Trainer:
             log_run_start(self)
             c = self.config  # from here on the time counts, against a time budget too
             final = self.full_val_tokens + c.val_batches * c.batch_size * c.max_context
-            sample = c.sample_length * c.max_context  # a sample counted as that many forward tokens until timed
+            sample = c.sample_length * c.max_context  # a sample, in forward tokens, until one is timed
             self.clock = RunClock(c.time_budget, final, self.state, sample_tokens=sample)
             self._hook("on_start")
             return self._finish(self._loop())
