@@ -507,6 +507,28 @@ def test_muon_orthogonalises_each_matrix_on_its_own_also_when_stacked_or_batched
         assert torch.allclose(weight.detach()[rows], expected, atol=1e-5)
 
 
+def test_muon_momentum_warms_up_from_a_tenth_below_and_a_state_saved_before_it_is_warm():
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    muon = tinyllm.Muon([weight], lr=0.0, momentum=0.95, momentum_warmup=10)
+    momenta = []
+    for _ in range(12):
+        weight.grad = torch.ones(4, 3)
+        before = muon.state[weight]["momentum_buffer"].clone() if muon.state[weight] else torch.zeros(4, 3)
+        muon.step()  # the buffer moves towards the gradient by 1 - momentum
+        momenta.append(1 - (muon.state[weight]["momentum_buffer"][0, 0] - before[0, 0]).item()
+                       / (1 - before[0, 0]).item())
+    assert momenta[0] == pytest.approx(0.85 + 0.01) and momenta[4] == pytest.approx(0.85 + 0.05)
+    assert momenta[9:] == pytest.approx([0.95] * 3)
+    resumed = tinyllm.Muon([weight], lr=0.0, momentum=0.95, momentum_warmup=10)
+    resumed.load_state_dict(muon.state_dict())
+    assert resumed.momentum(resumed.param_groups[0], weight) == pytest.approx(0.95)
+    saved = muon.state_dict()
+    del saved["state"][0]["step"]  # as Muon saved it before the warmup existed
+    old = tinyllm.Muon([weight], lr=0.0, momentum=0.95, momentum_warmup=300)
+    old.load_state_dict(saved)
+    assert old.momentum(old.param_groups[0], weight) == pytest.approx(0.95)
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_every_other_weight(tmp_path):
     trainer = tinyllm.Trainer(tiny_config(tmp_path, out_dir=None), PLAY, quiet=True)
     muon, adamw = trainer.optimizer.optimizers
