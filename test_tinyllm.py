@@ -602,12 +602,12 @@ def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_r
 def test_a_time_budget_reckons_the_work_after_the_last_step_at_the_pace_last_timed(tmp_path, monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(tinyllm.time, "perf_counter", lambda: now[0])
-    clock = tinyllm.RunClock(100.0, 30_000, sample_tokens=6_000)
+    clock = tinyllm.RunClock(100.0, 30_000, sample_tokens=6_000, step_tokens=1_000)
     now[0] += 10.0  # 10 s of training, 20,000 tokens: 2,000 a second
-    assert clock.final_seconds(0) == 0.0  # nothing to go by yet
+    assert clock.final_seconds(0) == 0.0 and clock.budget_spent(0) == pytest.approx(0.1)  # nothing yet
     guessed = (30_000 + 6_000) / 3_000  # forward passes at 1.5x the training pace
     assert clock.final_seconds(20_000) == pytest.approx(guessed)
-    assert clock.budget_spent(20_000) == pytest.approx((10 + guessed) / 100)
+    assert clock.budget_spent(20_000) == pytest.approx((10 + 0.5 + guessed) / 100)  # 0.5 s: the next step
     clock.forward_rate = 10_000.0  # timed: counted with a quarter to spare, the sample too until it is timed
     assert clock.final_seconds(20_000) == pytest.approx(1.25 * (30_000 + 6_000) / 10_000)
     clock.sample_seconds, clock.save_seconds = 0.5, 0.2

@@ -1158,9 +1158,10 @@ class RunClock:
     and tokens/s since the last report."""
 
     def __init__(self, budget: Optional[float] = None, final_tokens: int = 0,
-                 state: Optional[RunState] = None, *, sample_tokens: int = 0):
+                 state: Optional[RunState] = None, *, sample_tokens: int = 0, step_tokens: int = 0):
         state = state or RunState()
         self.budget, self.final_tokens = budget, final_tokens  # final: tokens scored after the last step
+        self.step_tokens = step_tokens  # a training step's, per process
         self.sample_tokens = sample_tokens  # the final sample's cost before one is timed, in forward tokens
         self.start = time.perf_counter() - state.elapsed_seconds  # a resumed run counts the time spent
         self.untimed, self.save_seconds = state.untimed_seconds, 0.0  # save: the latest checkpoint's
@@ -1175,11 +1176,12 @@ class RunClock:
         return self.elapsed() - self.untimed
 
     def budget_spent(self, tokens_per_process: int) -> float:
-        """The share of the time budget spent (0 without one), counting the work after the last step
-        too, so the budget covers the whole run."""
+        """The share of the time budget spent (0 without one), counting the next step and the work after
+        the last step too, so that a run which stops when it reaches 1 ends within its budget."""
         if self.budget is None:
             return 0.0
-        return (self.elapsed() + self.final_seconds(tokens_per_process)) / self.budget
+        next_step = self.step_tokens * self.train_seconds() / tokens_per_process if tokens_per_process else 0
+        return (self.elapsed() + next_step + self.final_seconds(tokens_per_process)) / self.budget
 
     def final_seconds(self, tokens_per_process: int) -> float:
         """The time the work after the last step will take: scoring `final_tokens` and sampling, at the
@@ -1730,7 +1732,8 @@ class Trainer:
             c = self.config  # from here on the time counts, against a time budget too
             final = self.full_val_tokens + c.val_batches * c.batch_size * c.max_context
             sample = c.sample_length * c.max_context  # a sample, in forward tokens, until one is timed
-            self.clock = RunClock(c.time_budget, final, self.state, sample_tokens=sample)
+            self.clock = RunClock(c.time_budget, final, self.state, sample_tokens=sample,
+                                  step_tokens=c.batch_size * c.max_context)
             self._hook("on_start")
             return self._finish(self._loop())
         finally:
@@ -1779,8 +1782,8 @@ class Trainer:
             logger.info("first step took %.1f s (%s)", self.clock.discard(self.state.tokens_seen),
                         "warm-up" if self.train_model is self.eager_model else "compilation and warm-up")
             if self.clock.budget is not None:  # a short run validates only at its end: time forward passes
-                with self.clock.untimed_block():
-                    self.validation_loss(self.val_batches[:self.world.size])
+                with self.clock.untimed_block():  # of three batches (one alone was 14% off a validation's)
+                    self.validation_loss(self.val_batches[:3 * self.world.size])
         self._hook("on_step_end")  # first: the step's loss is in recent_losses until a validation
         if step % c.val_frequency == 0:
             self._validate()
