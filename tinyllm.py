@@ -1471,9 +1471,9 @@ class Muon(Optimizer):
         self.momentum_warmup = momentum_warmup  # steps over which momentum rises from 0.1 below its value
         self.parts = dict(parts or {})  # weights that stack matrices by rows: how many, each orthogonalised
 
-    def momentum(self, group: dict, weight: torch.Tensor) -> float:
-        """The momentum of `weight`'s next step: 0.1 below the group's at its first step, rising to it over
-        the warmup. Early gradients change fast; averaging fewer of them learned more in 1,000 steps."""
+    def next_momentum(self, group: dict, weight: torch.Tensor) -> float:
+        """Count a step of `weight`; its momentum: 0.1 below the group's at the first, rising to it over the
+        warmup. Early gradients change fast; averaging fewer of them learned more in 1,000 steps."""
         state = self.state[weight]
         if "momentum_buffer" not in state:  # a new weight (a state saved before the warmup existed is warm)
             state["momentum_buffer"], state["step"] = torch.zeros_like(weight), 0
@@ -1486,7 +1486,7 @@ class Muon(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             updates = []
             for p in params:
-                beta, momentum = self.momentum(group, p), self.state[p]["momentum_buffer"]
+                beta, momentum = self.next_momentum(group, p), self.state[p]["momentum_buffer"]
                 momentum.lerp_(p.grad, 1 - beta)
                 update = p.grad.lerp(momentum, beta)
                 updates.append(update.view(self.parts.get(p, 1), -1, p.shape[1]))
