@@ -1180,8 +1180,12 @@ class RunClock:
         the last step too, so that a run which stops when it reaches 1 ends within its budget."""
         if self.budget is None:
             return 0.0
-        next_step = self.step_tokens * self.train_seconds() / tokens_per_process if tokens_per_process else 0
+        next_step = self.step_tokens * self.seconds_per_token(tokens_per_process)
         return (self.elapsed() + next_step + self.final_seconds(tokens_per_process)) / self.budget
+
+    def seconds_per_token(self, tokens_per_process: int) -> float:
+        """Training's pace so far (0 before any token): what the budget's guesses start from."""
+        return self.train_seconds() / tokens_per_process if tokens_per_process else 0.0
 
     def final_seconds(self, tokens_per_process: int) -> float:
         """The time the work after the last step will take: scoring `final_tokens` and sampling, at the
@@ -1189,7 +1193,7 @@ class RunClock:
         two thirds of a training step's time per token (it costs about a third)."""
         if not tokens_per_process:
             return 0.0
-        guessed_rate = 1.5 * tokens_per_process / max(self.train_seconds(), 1e-9)
+        guessed_rate = 1.5 / max(self.seconds_per_token(tokens_per_process), 1e-12)
         rate = self.forward_rate / 1.25 if self.forward_rate else guessed_rate
         sampling = self.sample_tokens / rate if self.sample_seconds is None else 1.25 * self.sample_seconds
         return self.final_tokens / rate + sampling + self.save_seconds
@@ -1478,7 +1482,8 @@ class Muon(Optimizer):
         if "momentum_buffer" not in state:  # a new weight (a state saved before the warmup existed is warm)
             state["momentum_buffer"], state["step"] = torch.zeros_like(weight), 0
         state["step"] = state.get("step", self.momentum_warmup) + 1
-        return max(0.0, group["momentum"] - 0.1 * max(0.0, 1 - state["step"] / max(1, self.momentum_warmup)))
+        warmed = min(1.0, state["step"] / max(1, self.momentum_warmup))
+        return max(0.0, group["momentum"] - 0.1 * (1 - warmed))
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
