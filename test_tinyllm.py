@@ -380,9 +380,10 @@ def test_cache_gives_the_logits_of_a_full_forward_pass():
 def test_one_static_cache_serves_the_whole_generation_and_one_token_steps_go_through_decode_step():
     model, calls = tiny_model(), []  # max_context 16: the window jumps to the newest 8 tokens
 
-    def step(token, position, cache):
+    def step(token, position, cache, race, **sampling):
         calls.append((tuple(token.shape), int(position), tuple(cache.keys1.shape), id(cache)))
-        return model.logits(token, position, cache)
+        assert race.shape == (2, 11) and sampling == {"temperature": 1.0, "top_k": 1, "top_p": None}
+        return tinyllm.next_token(model, token, position, cache, race, **sampling)
     idx = torch.randint(11, (2, 5))
     out = tinyllm.generate(model, idx, 40, top_k=1, decode_step=step)
     assert torch.equal(out, tinyllm.generate(model, idx, 40, top_k=1, use_cache=False))

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -450,18 +451,44 @@ def test_batched_samples_are_reproducible_and_each_ends_at_its_own_stop_string()
         next(tinyllm_inference.stream_samples(model, tokenizer, "to", 5, num_samples=0))
 
 
-def test_a_compiled_one_token_step_gives_the_eager_tokens_with_one_graph_for_every_position(monkeypatch):
-    real_compile = torch.compile  # dynamo's graph capture without inductor's C++: the same graphs, fast
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
-    torch._dynamo.reset()
-    model = tiny_model()
-    step = tinyllm_inference.compile_decode_step(model)
-    idx = torch.randint(11, (3, 4))
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    out = tinyllm.generate(model, idx, 40, top_k=1, decode_step=step)
-    assert torch.equal(out, tinyllm.generate(model, idx, 40, top_k=1))
-    assert step.module is not step.eager  # it did not fall back
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # no recompiles
+@pytest.fixture
+def fake_aoti(monkeypatch):
+    """AOTInductor without its C++ build: the exported program runs as torch.export captured it, so a
+    test checks the export, the library folder and the choices in a second instead of half a minute.
+    Yields the programs built so far."""
+    built = []
+
+    def compile_and_package(program, package_path, inductor_configs):
+        built.append(program)
+        Path(package_path).write_text(str(len(built) - 1))
+
+    def load_package(path):
+        module = built[int(Path(path).read_text())].module()
+        return types.SimpleNamespace(loader=types.SimpleNamespace(boxed_run=lambda inputs: [module(*inputs)]))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load_package)
+    yield built
+
+
+def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_library_is_built_once(
+        fake_aoti, tmp_path):
+    model, idx = tiny_model(), torch.randint(11, (3, 4))
+
+    def tokens(step=None, **sampling):
+        return tinyllm.generate(model, idx, 40, generator=torch.Generator().manual_seed(3), decode_step=step,
+                                **sampling)
+    for sampling in ({"top_k": 1}, {"temperature": 1.5, "top_p": 0.9}):  # past max_context (16)
+        step = tinyllm_inference.compile_decode_step(model, tmp_path)
+        assert torch.equal(tokens(step, **sampling), tokens(**sampling))
+        assert step.module is not step.eager  # it did not fall back
+    assert len(fake_aoti) == 2  # a library for each sampling
+    step = tinyllm_inference.compile_decode_step(model, tmp_path)  # as in the next run: loaded, not built
+    assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 2
+    assert sorted(p.name[:7] for p in tmp_path.iterdir()) == ["decode-"] * 2  # no partial builds left
+    with torch.no_grad():  # other weights, another library
+        model.lm_head.weight.mul_(2)
+    step = tinyllm_inference.compile_decode_step(model, tmp_path)
+    assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 3
 
 
 @CUDA
@@ -480,19 +507,26 @@ def test_a_compiled_one_token_step_on_cuda_replays_cuda_graphs_and_gives_the_eag
 
 
 def test_the_one_token_step_is_compiled_only_where_the_time_it_saves_exceeds_its_cost(
-        tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the decision, not the compiler
+        tmp_path, monkeypatch, caplog, fake_aoti):
+    monkeypatch.setattr(tinyllm_inference, "DECODE_PACKAGES", tmp_path / "decode")
     model, record = tiny_model(), tmp_path / "measurements.json"
-    timings = {"eager": 1e-3, "compiled": 2e-4, "compile seconds": 10.0, "warm compile seconds": 2.0}
+    timings = {"eager": 1e-3, "compiled": 2e-4, "compile seconds": 10.0, "warm compile seconds": 2.0,
+               "load seconds": 0.1}
     tinyllm_inference.record_decode_timings(model, 1, timings, record)
-    choose = functools.partial(tinyllm_inference.choose_decode_step, model, record_path=record)
+    choose = functools.partial(tinyllm_inference.choose_decode_step, model, record_path=record, top_k=None)
     caplog.set_level("INFO", logger="tinyllm")
-    assert choose(tokens=2000) == model.logits  # saves 1.6 s, costs 2 s
-    assert "one-token step eager: 2,000 tokens at 1.00 ms eager, compiled 0.20 ms (measured)" in caplog.text
-    assert isinstance(choose(tokens=3000), tinyllm_hooks.EagerFallback)  # saves 2.4 s
-    assert choose(tokens=10, compile=True) != model.logits  # as asked
-    assert choose(tokens=10**9, compile=False) == model.logits
-    assert choose(tokens=10**9, batch_size=2) != model.logits
+    assert isinstance(choose(tokens=2000), functools.partial)  # eager: saves 1.6 s, costs 2 s
+    assert "one-token step eager: 2,000 tokens at 1.00 ms eager, compiled 0.20 ms (measured), compiling 2 s" \
+        in caplog.text
+    assert isinstance(choose(tokens=3000), tinyllm_hooks.EagerFallback)  # saves 2.4 s; builds the library
+    assert tinyllm_inference.recorded_decode_timings(model, 1, record)["warm compile seconds"] < 2.0
+    tinyllm_inference.record_decode_timings(model, 1, timings, record)  # the fake library's are slow
+    assert isinstance(choose(tokens=2000), tinyllm_hooks.EagerFallback)  # now only loading it, 0.1 s
+    assert "compiled 0.20 ms (measured), loading it 0 s" in caplog.text and len(fake_aoti) == 1
+    assert not isinstance(choose(tokens=100), tinyllm_hooks.EagerFallback)  # saves 0.08 s
+    assert isinstance(choose(tokens=10, compile=True), tinyllm_hooks.EagerFallback)  # as asked
+    assert isinstance(choose(tokens=10**9, compile=False), functools.partial)
+    assert isinstance(choose(tokens=10**9, batch_size=2), tinyllm_hooks.EagerFallback)
     assert "(timed now)" in caplog.text and "(a guess)" in caplog.text  # batch 2 was never measured
     timings = tinyllm_inference.recorded_decode_timings(model, 2, record)
     assert set(timings) == {"compile seconds", "compiled"}  # the step it compiled was timed and kept
@@ -502,13 +536,19 @@ def test_the_one_token_step_is_compiled_only_where_the_time_it_saves_exceeds_its
 def no_compiler(monkeypatch):
     """torch.compile as it fails where there is no C++ compiler: when the compiled code first runs."""
     def broken_compile(fn, **kwargs):
-        def compiled(*args):
+        def compiled(*args, **kwargs):
             raise RuntimeError("no C++ compiler found")
         return compiled
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken_build)
 
 
-def test_a_one_token_step_that_fails_to_compile_falls_back_to_eager_with_a_warning(no_compiler, caplog):
+def test_a_one_token_step_that_fails_to_compile_falls_back_to_eager_with_a_warning(
+        no_compiler, caplog, tmp_path, monkeypatch):
+    monkeypatch.setattr(tinyllm_inference, "DECODE_PACKAGES", tmp_path)
     model = tiny_model()
     step = tinyllm_inference.choose_decode_step(model, tokens=10, compile=True)
     idx = torch.randint(11, (1, 3))
@@ -847,14 +887,13 @@ def test_python_m_tinyllm_is_the_command_line(monkeypatch, capsys):
     assert exit.value.code == 2 and "put that file beside tinyllm.py" in capsys.readouterr().err
 
 
-def test_cli_generation_benchmark_times_a_compiled_step(trained_run, cli, monkeypatch):
-    real_compile = torch.compile  # graph capture without inductor's C++ compiler, which takes long here
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
+def test_cli_generation_benchmark_times_a_compiled_step(trained_run, cli, fake_aoti):
     result = cli("--generate", "--benchmark", "--out-dir", trained_run[0] / "out", "--num-chars", 10,
                  "--num-samples", 2)
     assert result.returncode == 0, result.stderr
     assert "batch 2, 10 tokens each" in result.stdout and "cached, compiled" in result.stdout
-    assert "compiled is" in result.stdout and "compiling took" in result.stdout
+    assert "compiled is" in result.stdout and "the compiled step was ready after" in result.stdout
+    assert len(fake_aoti) == 1  # built once, then loaded twice
 
 
 def test_ctrl_c_while_generating_ends_quietly_with_exit_code_130(trained_run):

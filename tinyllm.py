@@ -46,9 +46,10 @@ __all__ = [  # the last seven live in plug-in modules and are imported from ther
     "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "QUANTIZATIONS", "OPTIMIZERS", "atomic_write",
     "Tokenizer", "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text",
     "load_text", "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches",
-    "TransformerModel", "KVCache", "check_sampling", "generate", "generate_tokens", "encode_prompt",
-    "sample_text", "scored_tokens", "evaluate_full", "MetricsLogger", "Checkpoint", "save_checkpoint",
-    "load_checkpoint", "RunState", "RunClock", "RunDirectory", "Callback", "World", "Muon", "Trainer",
+    "TransformerModel", "KVCache", "sample_next", "next_token", "check_sampling", "generate",
+    "generate_tokens", "encode_prompt", "sample_text", "scored_tokens", "evaluate_full", "MetricsLogger",
+    "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock", "RunDirectory", "Callback",
+    "World", "Muon", "Trainer",
     "BytePairTokenizer", "stream_text", "Int8Linear", "quantize_int8", "plot_losses", "TrainingInterrupted"]
 PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "merge_pair": "tinyllm_bpe",
                 "stream_text": "tinyllm_inference", "Int8Linear": "tinyllm_inference",
@@ -678,13 +679,16 @@ class KVCache(nn.Module):
     positions is allocated up front and written in place, so every one-token step has the same
     shapes, and a compiled step (tinyllm_inference) runs them all without recompiling."""
 
-    def __init__(self, model: TransformerModel, batch_size: int = 1):
+    def __init__(self, model: TransformerModel, batch_size: int = 1,
+                 tensors: Optional[Sequence[torch.Tensor]] = None):
+        """Zeros, or the given `tensors` (keys and values, layer by layer), as a compiled step gets them."""
         super().__init__()
         c, weight = model.config, model.token_embedding.weight
         shape = (batch_size, c.n_head, c.max_context, c.n_embd // c.n_head)
+        given = iter(tensors) if tensors is not None else None
         for layer in range(c.n_layer):  # a tensor each, which a compiled step can write in place
             for kind in ("keys", "values"):
-                self.register_buffer(f"{kind}{layer}", weight.new_zeros(shape))
+                self.register_buffer(f"{kind}{layer}", next(given) if given else weight.new_zeros(shape))
         self.length = 0  # positions filled; whoever runs the model advances it
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
@@ -794,8 +798,10 @@ class TransformerModel(nn.Module):
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Draw one token per row of `logits` (B, vocab) after temperature, top-k and top-p filtering."""
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                race: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Draw one token per row of `logits` (B, vocab) after temperature, top-k and top-p filtering, with
+    `race`, Exp(1) draws shaped like `logits` (by default drawn here from `generator`)."""
     # With the best logit shifted to 0, a tiny temperature (floored at float32's smallest normal
     # number) gives finite logits that sample greedily, instead of inf - inf = nan.
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
@@ -811,8 +817,16 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
     # An exponential race: the token whose probability over an Exp(1) draw is largest wins, with
     # exactly its probability. torch.multinomial draws one sample this way too (the same draws, so
     # the same tokens), but first checks the probabilities, which cost more than the draw itself.
-    race = torch.empty_like(logits).exponential_(generator=generator)
+    if race is None:
+        race = torch.empty_like(logits).exponential_(generator=generator)
     return (logits.softmax(dim=-1) / race).argmax(dim=-1, keepdim=True)
+
+
+def next_token(model: TransformerModel, token: torch.Tensor, position: torch.Tensor, cache: KVCache,
+               race: torch.Tensor, **sampling: Any) -> torch.Tensor:
+    """One step of cached generation: the token (B, 1) after `token` (B, 1) standing at `position` (1,),
+    drawn with `race` (see `sample_next`, which takes `sampling`). tinyllm_inference compiles it."""
+    return sample_next(model.logits(token, position, cache)[:, -1], race=race, **sampling)
 
 
 def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -838,12 +852,16 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     cache cannot just drop its oldest position, since every later position's keys were computed while
     attending to it). Without the cache the same window is recomputed at each step, so both routes
     give the same tokens and the cache makes each step cost one position. The one-token steps call
-    `decode_step(token, position, cache)`: `model.logits`, or a compiled one (tinyllm_inference).
+    `decode_step(token, position, cache, race, **sampling)`: `next_token`, or a compiled one
+    (tinyllm_inference). The random draws are made here, one (B, vocab) tensor a token, so a seed gives
+    the same tokens whichever route runs.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    was_training, step = model.training, decode_step or model.logits
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    was_training, step = model.training, decode_step or functools.partial(next_token, model)
     model.eval()
     cache = KVCache(model, idx.shape[0]) if use_cache else None
+    draws = dict(size=(idx.shape[0], model.config.vocab_size), device=idx.device, dtype=torch.float32)
     try:
         context = new = idx[:, -model.max_context:]  # new: the tokens the cache has not seen yet
         for _ in range(max_new_tokens):
@@ -851,17 +869,16 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
                 context = new = context[:, -(model.max_context // 2 or 1):]
                 if cache is not None:  # its old slots stay, masked until they are written again
                     cache.length = 0
+            race = torch.empty(**draws).exponential_(generator=generator)
             if cache is None:
-                logits = model(context)[0]
+                next_id = sample_next(model(context)[0][:, -1], race=race, **sampling)
             elif cache.length == 0:  # the first fill, a window of any length: not the compiled step
-                logits = model(new, cache=cache)[0]
+                next_id = sample_next(model(new, cache=cache)[0][:, -1], race=race, **sampling)
                 position = torch.tensor([cache.length], device=idx.device)
             else:
-                logits = step(new, position, cache)
+                next_id = step(new, position, cache, race, **sampling)
                 position += 1  # in place: a compiled step sees the same tensor every time
                 cache.length += 1
-            next_id = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator)
             yield next_id
             context, new = torch.cat([context, next_id], dim=1), next_id
     finally:  # also when the caller stops early, e.g. at a stop string

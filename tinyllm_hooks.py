@@ -389,15 +389,15 @@ class EagerFallback:
     def __init__(self, compiled: Any, eager: nn.Module):
         self.module, self.eager = compiled, eager
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self.module(*args)
+            return self.module(*args, **kwargs)
         except Exception as e:
             if self.module is self.eager:
                 raise
             logger.warning("torch.compile failed (%s); running without it", first_line(e))
             self.module = self.eager
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

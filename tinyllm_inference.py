@@ -7,6 +7,9 @@ weights loads through `tinyllm.load_checkpoint` and imports this module only the
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import statistics
 import time
 import weakref
@@ -148,6 +151,8 @@ def sample_texts(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, 
 # time (it fuses about 150 small operations, each paying PyTorch's fixed dispatch cost), and its
 # compiling costs what MeasuredSettings assumes for training.
 GUESSED_SPEEDUP = 3.0
+GUESSED_LOAD_SECONDS = 1.0  # to load a compiled step's library built before
+DECODE_PACKAGES = tinyllm_hooks.CACHE / "tinyllm" / "decode"  # PackagedDecodeStep's compiled libraries
 
 
 def generation_key(model: tinyllm.TransformerModel, batch_size: int) -> str:
@@ -158,35 +163,40 @@ def generation_key(model: tinyllm.TransformerModel, batch_size: int) -> str:
             f"{', int8' if model.quantization else ''} | batch {batch_size}")
 
 
+def with_defaults(sampling: dict) -> dict:
+    """`sampling` with `tinyllm.generate_tokens`' defaults, as it passes them to a one-token step."""
+    return {"temperature": 1.0, "top_k": None, "top_p": None, **sampling}
+
+
 def time_decode_step(model: tinyllm.TransformerModel, step: Callable, batch_size: int,
-                     repeats: int = 20) -> tuple:
+                     repeats: int = 20, **sampling: Any) -> tuple:
     """(seconds of the first call, median seconds of the calls after it) of `step` on a scratch cache."""
-    device, times = next(model.parameters()).device, []
+    device, times, sampling = next(model.parameters()).device, [], with_defaults(sampling)
     with torch.inference_mode():  # as in generation: a tensor from outside makes a compiled step recompile
         cache = tinyllm.KVCache(model, batch_size)
         token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        race = torch.ones(batch_size, model.config.vocab_size, device=device)
         for position in range(min(repeats + 1, model.max_context)):
             started = time.perf_counter()
-            step(token, torch.tensor([position], device=device), cache).sum().item()  # waits for the device
-            times.append(time.perf_counter() - started)
+            step(token, torch.tensor([position], device=device), cache, race, **sampling).sum().item()
+            times.append(time.perf_counter() - started)  # .item() waited for the device
     return times[0], statistics.median(times[1:] or times)
 
 
-def compile_decode_step(model: tinyllm.TransformerModel) -> Callable:
-    """`model.logits` compiled for one-token steps, falling back to eager with a warning if compiling
+def compile_decode_step(model: tinyllm.TransformerModel,
+                        folder: Optional[tinyllm.PathLike] = None) -> Callable:
+    """`tinyllm.next_token` for `model`, compiled, falling back to eager with a warning if compiling
     fails. A step is a few dozen small kernels, so what is left to win is the overhead around them:
-    on a GPU CUDA graphs launch them all at once; on a CPU a C++ wrapper calls them instead of
-    Python. Guards on the model's modules are skipped (checking them took about a tenth of a step),
-    so quantize or swap modules before compiling, not after."""
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    on a GPU, torch.compile with CUDA graphs launches them all at once; on a CPU, AOTInductor builds
+    a library that C++ calls without Python (see PackagedDecodeStep)."""
+    eager = functools.partial(tinyllm.next_token, model)
+    if next(model.parameters()).device.type != "cuda":
+        return tinyllm_hooks.EagerFallback(PackagedDecodeStep(model, folder or DECODE_PACKAGES), eager)
     skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
     options = {"guard_filter_fn": skip_module_guards} if skip_module_guards else {}
-    if on_cuda:
-        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-    else:  # at batch 1, Inductor writes the matrix-vector products as its own loops: no library calls
-        options.update(cpp_wrapper=True, post_grad_fusion_options={"decompose_mm_pass": {}})
-    compiled = torch.compile(model.logits, dynamic=False, options=options)
-    return tinyllm_hooks.EagerFallback(with_static_cache(compiled) if on_cuda else compiled, model.logits)
+    options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+    compiled = torch.compile(eager, dynamic=False, options=options)
+    return tinyllm_hooks.EagerFallback(with_static_cache(compiled), eager)
 
 
 def with_static_cache(compiled: Callable) -> Callable:
@@ -196,43 +206,134 @@ def with_static_cache(compiled: Callable) -> Callable:
     Hugging Face transformers does), and a new cache only makes the graph be recorded again."""
     marked: weakref.WeakSet = weakref.WeakSet()  # the caches marked so far, while they live
 
-    def step(token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache) -> torch.Tensor:
+    def step(token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache, race: torch.Tensor,
+             **sampling: Any) -> torch.Tensor:
         if cache not in marked:
             for tensor in cache.buffers():
                 torch._dynamo.mark_static_address(tensor, guard=False)
             marked.add(cache)
-        return compiled(token, position, cache)
+        return compiled(token, position, cache, race, **sampling)
 
     return step
 
 
+class ExportedStep(nn.Module):
+    """`tinyllm.next_token` as torch.export takes it: tensors in (the cache's too), the sampling fixed."""
+
+    def __init__(self, model: tinyllm.TransformerModel, sampling: dict):
+        super().__init__()
+        self.model, self.sampling = model, sampling
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, race: torch.Tensor,
+                *cache_tensors: torch.Tensor) -> torch.Tensor:
+        cache = tinyllm.KVCache(self.model, token.shape[0], cache_tensors)
+        return tinyllm.next_token(self.model, token, position, cache, race, **self.sampling)
+
+
+class PackagedDecodeStep:
+    """The one-token step on a CPU, compiled ahead of time: torch.export captures it and AOTInductor
+    turns it into a shared library with the weights inside, which C++ runs with no Python between the
+    kernels. Called through torch.compile instead, this small model's step spends more time in the
+    Python around the compiled code (guards, wrappers, ~40 tensor arguments) than in its kernels.
+    A library is built per batch size and sampling settings (they are part of the code) and kept in
+    `folder` under a name hashed from them, the weights and torch, so the next run only loads it."""
+
+    KEEP = 16  # the newest libraries kept in the folder; older ones are deleted
+
+    def __init__(self, model: tinyllm.TransformerModel, folder: tinyllm.PathLike):
+        self.model, self.folder = model, Path(folder)
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.weights_hash = digest.hexdigest()
+        self.runners: dict = {}  # (batch size, sampling) -> the loaded library
+        self.cache_tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # listed once a cache
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache,
+                 race: torch.Tensor, **sampling: Any) -> torch.Tensor:
+        key = (token.shape[0], tuple(sorted(sampling.items())))
+        if key not in self.runners:
+            self.runners[key] = self.load(token.shape[0], sampling)
+        if cache not in self.cache_tensors:
+            self.cache_tensors[cache] = list(cache.buffers())
+        # The loader's own run, without the tree of arguments that the library's __call__ parses each
+        # time (it costs half as much as the step itself).
+        return self.runners[key].loader.boxed_run([token, position, race, *self.cache_tensors[cache]])[0]
+
+    @staticmethod
+    def options(batch_size: int) -> dict:
+        """Inductor's settings. One allocation holds all the step's intermediate tensors (a quarter
+        faster than allocating each, measured), and at batch 1 Inductor writes the matrix-vector products
+        as its own loops: no library calls."""
+        mm_as_loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if batch_size == 1 else {}
+        return {"memory_planning": True, **mm_as_loops}
+
+    def path(self, batch_size: int, sampling: dict) -> Path:
+        """Where the library for `batch_size` and `sampling` lies, once built."""
+        name = hashlib.sha256(f"{torch.__version__} {tinyllm_hooks.chip_name(torch.device('cpu'))} "
+                              f"{self.model.config} {self.model.quantization} {self.options(batch_size)} "
+                              f"{sorted(sampling.items())} {self.weights_hash}".encode()).hexdigest()[:24]
+        return self.folder / f"decode-{name}.pt2"
+
+    def built(self, batch_size: int, sampling: dict) -> bool:
+        return self.path(batch_size, sampling).exists()
+
+    def load(self, batch_size: int, sampling: dict) -> Callable:
+        """The library for `batch_size` and `sampling`: from the folder, or built and saved there."""
+        path = self.path(batch_size, sampling)
+        if not path.exists():
+            self.build(path, batch_size, sampling)
+        os.utime(path)  # recently used: kept
+        return torch._inductor.aoti_load_package(str(path))
+
+    def build(self, path: Path, batch_size: int, sampling: dict) -> None:
+        cache = tinyllm.KVCache(self.model, batch_size)
+        inputs = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor([0]),
+                  torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
+        with torch.no_grad():
+            program = torch.export.export(ExportedStep(self.model, sampling), inputs)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name("partial-" + path.name)  # a crash mid-build leaves no library to load
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                 inductor_configs=self.options(batch_size))
+        os.replace(partial, path)
+        for old in sorted(self.folder.glob("decode-*.pt2"), key=lambda p: p.stat().st_mtime)[:-self.KEEP]:
+            old.unlink(missing_ok=True)
+
+
 def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_size: int = 1,
-                       compile: Optional[bool] = None,
-                       record_path: Optional[tinyllm.PathLike] = None) -> Callable:
-    """The one-token step for generating `tokens` tokens: compiled if asked, or where the time it saves
-    (measured here before, or guessed) exceeds its compile time; else `model.logits`. The choice is
-    logged, and a compiled step's timings are recorded for the next choice."""
-    timings = recorded_decode_timings(model, batch_size, record_path)
+                       compile: Optional[bool] = None, record_path: Optional[tinyllm.PathLike] = None,
+                       **sampling: Any) -> Callable:
+    """The one-token step for generating `tokens` tokens with `sampling`: compiled if asked, or where the
+    time it saves (measured here before, or guessed) exceeds the time it takes to be ready; else
+    `tinyllm.next_token`. The choice is logged, and a compiled step's timings are recorded."""
+    timings, eager = recorded_decode_timings(model, batch_size, record_path), functools.partial(
+        tinyllm.next_token, model)
+    step = compile_decode_step(model) if compile is not False else eager
+    built = isinstance(getattr(step, "module", None), PackagedDecodeStep) and step.module.built(
+        batch_size, with_defaults(sampling))  # a library built before only needs loading
     if compile is None:
-        eager = timings.get("eager") or time_decode_step(model, model.logits, batch_size, repeats=5)[1]
-        compiled = timings.get("compiled") or eager / GUESSED_SPEEDUP
+        eager_seconds = timings.get("eager") or time_decode_step(model, eager, batch_size, 5, **sampling)[1]
+        compiled = timings.get("compiled") or eager_seconds / GUESSED_SPEEDUP
         cold = timings.get("compile seconds")
-        cost = timings.get("warm compile seconds") or (
-            tinyllm_hooks.WARM_COMPILE_SHARE * cold if cold else tinyllm_hooks.GUESSED_COMPILE_SECONDS)
-        compile = tinyllm_hooks.compile_pays(relative_gain=1 - compiled / eager,
-                                             remaining_seconds=eager * tokens, compile_seconds=cost)
-        logger.info("one-token step %s: %s tokens at %.2f ms eager%s, compiled %.2f ms (%s), "
-                    "compiling %.0f s",
-                    "compiled" if compile else "eager", f"{tokens:,}", 1000 * eager,
+        cost = timings.get("load seconds", GUESSED_LOAD_SECONDS) if built else timings.get(
+            "warm compile seconds") or (tinyllm_hooks.WARM_COMPILE_SHARE * cold if cold
+                                        else tinyllm_hooks.GUESSED_COMPILE_SECONDS)
+        compile = tinyllm_hooks.compile_pays(relative_gain=1 - compiled / eager_seconds,
+                                             remaining_seconds=eager_seconds * tokens, compile_seconds=cost)
+        logger.info("one-token step %s: %s tokens at %.2f ms eager%s, compiled %.2f ms (%s), %s %.0f s",
+                    "compiled" if compile else "eager", f"{tokens:,}", 1000 * eager_seconds,
                     "" if "eager" in timings else " (timed now)", 1000 * compiled,
-                    "measured" if "compiled" in timings else "a guess", cost)
+                    "measured" if "compiled" in timings else "a guess",
+                    "loading it" if built else "compiling", cost)
     if not compile:
-        return model.logits
-    step = compile_decode_step(model)
-    first, seconds = time_decode_step(model, step, batch_size)
+        return eager
+    first, seconds = time_decode_step(model, step, batch_size, **sampling)
     if step.module is not step.eager:  # it compiled: keep what it cost and gave
-        warm = "warm compile seconds" if "compile seconds" in timings else "compile seconds"
-        record_decode_timings(model, batch_size, {warm: first, "compiled": seconds}, record_path)
+        ready = "load seconds" if built else (
+            "warm compile seconds" if "compile seconds" in timings else "compile seconds")
+        record_decode_timings(model, batch_size, {ready: first, "compiled": seconds}, record_path)
     return step
 
 
