@@ -311,18 +311,15 @@ def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_si
     timings, eager = recorded_decode_timings(model, batch_size, record_path), functools.partial(
         tinyllm.next_token, model)
     step = compile_decode_step(model) if compile is not False else eager
-    built = isinstance(getattr(step, "module", None), PackagedDecodeStep) and step.module.built(
-        batch_size, with_defaults(sampling))  # a library built before only needs loading
+    packaged = isinstance(getattr(step, "module", None), PackagedDecodeStep)
+    built = packaged and step.module.built(batch_size, with_defaults(sampling))  # then it only loads
     if compile is None:
         eager_seconds = timings.get("eager") or time_decode_step(model, eager, batch_size, 5, **sampling)[1]
         compiled = timings.get("compiled") or eager_seconds / GUESSED_SPEEDUP
-        cold = timings.get("compile seconds")
-        cost = timings.get("load seconds", GUESSED_LOAD_SECONDS) if built else timings.get(
-            "warm compile seconds") or (tinyllm_hooks.WARM_COMPILE_SHARE * cold if cold
-                                        else tinyllm_hooks.GUESSED_COMPILE_SECONDS)
+        cost = seconds_to_ready(timings, packaged=packaged, built=built)
         compile = tinyllm_hooks.compile_pays(relative_gain=1 - compiled / eager_seconds,
                                              remaining_seconds=eager_seconds * tokens, compile_seconds=cost)
-        logger.info("one-token step %s: %s tokens at %.2f ms eager%s, compiled %.2f ms (%s), %s %.0f s",
+        logger.info("one-token step %s: %s tokens at %.2f ms eager%s, compiled %.2f ms (%s), %s %.1f s",
                     "compiled" if compile else "eager", f"{tokens:,}", 1000 * eager_seconds,
                     "" if "eager" in timings else " (timed now)", 1000 * compiled,
                     "measured" if "compiled" in timings else "a guess",
@@ -331,10 +328,22 @@ def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_si
         return eager
     first, seconds = time_decode_step(model, step, batch_size, **sampling)
     if step.module is not step.eager:  # it compiled: keep what it cost and gave
-        ready = "load seconds" if built else (
-            "warm compile seconds" if "compile seconds" in timings else "compile seconds")
+        ready = "load seconds" if built else "warm compile seconds" if (
+            not packaged and "compile seconds" in timings) else "compile seconds"
         record_decode_timings(model, batch_size, {ready: first, "compiled": seconds}, record_path)
     return step
+
+
+def seconds_to_ready(timings: dict, *, packaged: bool, built: bool) -> float:
+    """Seconds before a compiled step's first token, from `timings` or guessed: to load a library built
+    before, to build one (on a CPU), or to compile (on a GPU, faster from PyTorch's cache once warm)."""
+    cold = timings.get("compile seconds")
+    if built:
+        return timings.get("load seconds", GUESSED_LOAD_SECONDS)
+    if packaged:
+        return cold or tinyllm_hooks.GUESSED_COMPILE_SECONDS
+    return timings.get("warm compile seconds") or (
+        tinyllm_hooks.WARM_COMPILE_SHARE * cold if cold else tinyllm_hooks.GUESSED_COMPILE_SECONDS)
 
 
 def recorded_decode_timings(model: tinyllm.TransformerModel, batch_size: int,
