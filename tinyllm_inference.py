@@ -12,6 +12,7 @@ import hashlib
 import os
 import statistics
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence
@@ -151,7 +152,7 @@ def sample_texts(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, 
 # time (it fuses about 150 small operations, each paying PyTorch's fixed dispatch cost), and its
 # compiling costs what MeasuredSettings assumes for training.
 GUESSED_SPEEDUP = 3.0
-GUESSED_LOAD_SECONDS = 1.0  # to load a compiled step's library built before
+GUESSED_LOAD_SECONDS = 3.0  # to load a library built before, in a new process (3.3 s measured)
 DECODE_PACKAGES = tinyllm_hooks.CACHE / "tinyllm" / "decode"  # PackagedDecodeStep's compiled libraries
 
 
@@ -291,12 +292,13 @@ class PackagedDecodeStep:
         cache = tinyllm.KVCache(self.model, batch_size)
         inputs = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor([0]),
                   torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
-        with torch.no_grad():
-            program = torch.export.export(ExportedStep(self.model, sampling), inputs)
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name("partial-" + path.name)  # a crash mid-build leaves no library to load
-        torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
-                                                 inductor_configs=self.options(batch_size))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.13's export warns of its own internals
+            program = torch.export.export(ExportedStep(self.model, sampling), inputs)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                     inductor_configs=self.options(batch_size))
         os.replace(partial, path)
         for old in sorted(self.folder.glob("decode-*.pt2"), key=lambda p: p.stat().st_mtime)[:-self.KEEP]:
             old.unlink(missing_ok=True)
