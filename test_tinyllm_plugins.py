@@ -490,6 +490,11 @@ def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_libra
         model.lm_head.weight.mul_(2)
     step = tinyllm_inference.compile_decode_step(model, tmp_path)
     assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 3
+    library = step.module.path(3, tinyllm_inference.with_defaults({"top_k": 1}))
+    library.write_text("truncat")  # a library that does not load is built again
+    step = tinyllm_inference.compile_decode_step(model, tmp_path)
+    assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 4
+    assert step.module is not step.eager and library.read_text() == "3"
 
 
 @CUDA

@@ -149,8 +149,8 @@ def sample_texts(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, 
 
 
 # Before a model's steps were timed here: a compiled one-token step takes a third of the eager one's
-# time (it fuses about 150 small operations, each paying PyTorch's fixed dispatch cost), and its
-# compiling costs what MeasuredSettings assumes for training.
+# time (it fuses about 150 small operations, each paying PyTorch's fixed dispatch cost), and compiling
+# it costs what MeasuredSettings assumes for training (30 s; a CPU's library took 22-30 s to build).
 GUESSED_SPEEDUP = 3.0
 GUESSED_LOAD_SECONDS = 3.0  # to load a library built before, in a new process (3.3 s measured)
 DECODE_PACKAGES = tinyllm_hooks.CACHE / "tinyllm" / "decode"  # PackagedDecodeStep's compiled libraries
@@ -191,7 +191,7 @@ def compile_decode_step(model: tinyllm.TransformerModel,
     on a GPU, torch.compile with CUDA graphs launches them all at once; on a CPU, AOTInductor builds
     a library that C++ calls without Python (see PackagedDecodeStep)."""
     eager = functools.partial(tinyllm.next_token, model)
-    if next(model.parameters()).device.type != "cuda":
+    if next(model.parameters()).device.type == "cpu":
         return tinyllm_hooks.EagerFallback(PackagedDecodeStep(model, folder or DECODE_PACKAGES), eager)
     skip_module_guards = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
     options = {"guard_filter_fn": skip_module_guards} if skip_module_guards else {}
@@ -278,17 +278,24 @@ class PackagedDecodeStep:
         return self.folder / f"decode-{name}.pt2"
 
     def built(self, batch_size: int, sampling: dict) -> bool:
+        """Whether the library for `batch_size` and `sampling` lies in the folder, to be loaded."""
         return self.path(batch_size, sampling).exists()
 
     def load(self, batch_size: int, sampling: dict) -> Callable:
-        """The library for `batch_size` and `sampling`: from the folder, or built and saved there."""
+        """The library for `batch_size` and `sampling`: from the folder, or built and saved there. One
+        that does not load (truncated, say) is built again."""
         path = self.path(batch_size, sampling)
-        if not path.exists():
-            self.build(path, batch_size, sampling)
-        os.utime(path)  # recently used: kept
+        if path.exists():
+            os.utime(path)  # recently used: kept
+            try:
+                return torch._inductor.aoti_load_package(str(path))
+            except Exception as e:
+                logger.warning("%s does not load (%s); building it again", path, tinyllm_hooks.first_line(e))
+        self.build(path, batch_size, sampling)
         return torch._inductor.aoti_load_package(str(path))
 
     def build(self, path: Path, batch_size: int, sampling: dict) -> None:
+        """Export the step, build its library into `path`, and delete all but the newest KEEP."""
         cache = tinyllm.KVCache(self.model, batch_size)
         inputs = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor([0]),
                   torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
