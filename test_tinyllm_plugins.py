@@ -476,7 +476,7 @@ def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_libra
     model, idx = tiny_model(), torch.randint(11, (3, 4))
 
     def tokens(step=None, **sampling):
-        return tinyllm.generate(model, idx, 40, generator=torch.Generator().manual_seed(3), decode_step=step,
+        return tinyllm.generate(model, idx, 24, generator=torch.Generator().manual_seed(3), decode_step=step,
                                 **sampling)
     for sampling in ({"top_k": 1}, {"temperature": 1.5, "top_p": 0.9}):  # past max_context (16)
         step = tinyllm_inference.compile_decode_step(model, tmp_path)
