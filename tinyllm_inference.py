@@ -300,7 +300,9 @@ class PackagedDecodeStep:
         inputs = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor([0]),
                   torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name("partial-" + path.name)  # a crash mid-build leaves no library to load
+        # Built under a name of this process's own, then renamed: a crash mid-build leaves no library to
+        # load, and two processes building the same one do not write into one file.
+        partial = path.with_name(f"partial-{os.getpid()}-{path.name}")
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.13's export warns of its own internals
             program = torch.export.export(ExportedStep(self.model, sampling), inputs)
