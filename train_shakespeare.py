@@ -276,10 +276,10 @@ def generation_stream(args: argparse.Namespace, checkpoint: tinyllm.Checkpoint, 
     options.setdefault("num_samples", args.num_samples)
     config = checkpoint.config
     prep = dict(lowercase=config.lowercase, normalize_whitespace=config.normalize_whitespace)
-    # Bad settings or a prompt with unseen characters fail now, before anything is printed.
-    tinyllm.check_sampling(**sampling_settings(args, checkpoint))
-    tinyllm.encode_prompt(checkpoint.tokenizer, tinyllm.prepare_text(args.prompt, **prep))
     sampling = sampling_settings(args, checkpoint)
+    # Bad settings or a prompt with unseen characters fail now, before anything is printed.
+    tinyllm.check_sampling(**sampling)
+    tinyllm.encode_prompt(checkpoint.tokenizer, tinyllm.prepare_text(args.prompt, **prep))
     if options.get("use_cache", True) and "decode_step" not in options:
         with info_on_stderr(args.quiet):  # which one-token step runs, and why
             options["decode_step"] = tinyllm_inference.choose_decode_step(
