@@ -32,7 +32,10 @@ PLAY = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
 
 def tiny_model(vocab_size=11, max_context=16, n_layer=2, n_head=2, n_embd=16, seed=0):
     torch.manual_seed(seed)
-    return TransformerModel(vocab_size, max_context, n_layer, n_head, n_embd).eval()
+    model = TransformerModel(vocab_size, max_context, n_layer, n_head, n_embd).eval()
+    with torch.no_grad():  # a trained model's token shift: a new model's zeros would hide its mistakes
+        model.token_shift.uniform_(-1, 1)
+    return model
 
 
 def tiny_config(tmp_path, **overrides):
@@ -593,7 +596,7 @@ def test_learning_rate_warms_up_holds_then_decays_to_a_tenth(tmp_path):
 
 def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_rule(tmp_path):
     config = tiny_config(tmp_path, time_budget=3.0, val_frequency=50)
-    summary = tinyllm.Trainer(config, PLAY, quiet=True).train()
+    summary = tinyllm.Trainer(config, PLAY[:1100], quiet=True).train()  # 3 steps an epoch: a busy machine
     assert summary["stopped_because"] == "time_budget"
     assert summary["epochs_completed"] > 10  # ten epochs would have ended it, were they set
     assert 1.5 < summary["elapsed_seconds"] < 4.5  # generous: this machine's timing is noisy
@@ -780,6 +783,22 @@ def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
     with pytest.raises(TinyLLMError, match="the text differs"):
         tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu"), PLAY + "more",
                         resume=True)
+
+
+def test_a_run_saved_before_the_token_shift_existed_resumes_without_one(tmp_path):
+    config = tiny_config(tmp_path, max_steps=20, checkpoint_frequency=10)
+    shape = dataclasses.replace(config.model_config(len(set(prepare_text(PLAY)))), token_shift=False)
+    old_model = TransformerModel(shape)
+    tinyllm.Trainer(config, PLAY, model=old_model, quiet=True, callbacks=[StopAt(10)]).train()
+    path = tmp_path / "out" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["model_args"]["token_shift"]  # as such a file has it
+    torch.save(state, path)
+    old = tinyllm.load_checkpoint(path).model
+    assert old.token_shift is None and "token_shift" not in old.state_dict()
+    resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu"), PLAY,
+                              resume=True, quiet=True)
+    assert resumed.model.token_shift is None and resumed.train()["steps"] == 20
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_spares_the_checkpoints(tmp_path, monkeypatch):
