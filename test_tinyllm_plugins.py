@@ -1134,7 +1134,8 @@ def stop_with_a_signal(process, signal_number, out):
 
 
 def test_ctrl_c_saves_last_pt_and_says_how_to_resume(tmp_path):
-    """SIGINT here; the resume test below stops its run with SIGTERM."""
+    """SIGINT here; test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes stops its run
+    with SIGTERM."""
     out = tmp_path / "out"
     process = start_cli(*long_run_args(tmp_path, **{"--max-steps": 10**6}), "--out-dir", out)
     assert stop_with_a_signal(process, signal.SIGINT, out) >= 25
