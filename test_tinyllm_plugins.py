@@ -1311,15 +1311,6 @@ def test_torchrun_trains_with_one_writer_and_a_checkpoint_one_process_loads(tmp_
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens_seen"] == 20 * 16 * 32
 
 
-def test_a_failing_process_ends_the_whole_job_with_the_error_printed_once(tmp_path):
-    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
-    started = time.monotonic()
-    result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "huge")
-    assert result.returncode != 0 and time.monotonic() - started < 120
-    assert result.stderr.count("unknown model size 'huge'") == 1
-    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # both, in torchrun's report
-
-
 FAILS_ON_ONE_RANK = """
 import os, sys
 sys.path.insert(0, {root!r})
@@ -1383,10 +1374,12 @@ def test_torchrun_with_more_processes_than_gpus_says_what_to_run_instead(monkeyp
         "--nproc_per_node=1), or train on the CPU with --device cpu (gloo)")
 
 
-def test_torchrun_benchmark_without_a_batch_per_process_ends_with_one_line(tmp_path):
+def test_an_error_every_process_meets_is_printed_once_and_ends_the_job_with_code_2(tmp_path):
+    """Here a benchmark whose text gives no batch per process; a bad flag or size goes the same way."""
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     started = time.monotonic()
     result = torchrun("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32,
                       "--batch-size", 64)
     assert result.returncode != 0 and time.monotonic() - started < 120
     assert result.stderr.count("the text gives no batch of 64 x 32 tokens per process") == 1
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # both, in torchrun's report
