@@ -8,6 +8,7 @@ import gc
 import hashlib
 import http.server
 import importlib.util
+import io
 import json
 import math
 import os
@@ -767,15 +768,9 @@ def cli_args(args):
             *([] if "--device" in args else ["--device", "cpu"])]
 
 
-def run_cli(*args, cwd=None):
-    """Run the command line in a new process."""
-    return subprocess.run([sys.executable, str(SCRIPT), *cli_args(args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
 @pytest.fixture
 def cli(capsys):
-    """Run the command line in this process, saving the interpreter's start-up; returns what run_cli does."""
+    """Run the command line in this process, saving an interpreter's start-up; returns a CompletedProcess."""
     def run(*args):
         try:
             code = train_shakespeare.main(cli_args(args))
@@ -788,15 +783,18 @@ def cli(capsys):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """One short real training run through the command line (its output not a terminal, as under
-    nohup or in CI), shared by the tests below."""
+    """One short real training run through the command line (in this process, its output not a
+    terminal, as under nohup or in CI), shared by the tests below."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "play.txt").write_text(PLAY, encoding="utf-8")
-    result = run_cli("--data", tmp / "play.txt", "--out-dir", tmp / "out", "--size", "tiny",
+    args = cli_args(["--data", tmp / "play.txt", "--out-dir", tmp / "out", "--size", "tiny",
                      "--max-steps", 40, "--val-frequency", 10, "--sample-frequency", 20,
                      "--max-context", 32, "--batch-size", 8, "--learning-rate", 0.01, "--lowercase",
-                     "--normalize-whitespace")
-    return tmp, result
+                     "--normalize-whitespace"])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = train_shakespeare.main(args)
+    return tmp, subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def test_cli_training_writes_every_file(trained_run):
