@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import statistics
 import time
@@ -166,7 +167,8 @@ def generation_key(model: tinyllm.TransformerModel, batch_size: int) -> str:
 
 def with_defaults(sampling: dict) -> dict:
     """`sampling` with `tinyllm.generate_tokens`' defaults, as it passes them to a one-token step."""
-    return {"temperature": 1.0, "top_k": None, "top_p": None, **sampling}
+    defaults = inspect.signature(tinyllm.generate_tokens).parameters
+    return {name: sampling.get(name, defaults[name].default) for name in ("temperature", "top_k", "top_p")}
 
 
 def time_decode_step(model: tinyllm.TransformerModel, step: Callable, batch_size: int,
@@ -327,7 +329,7 @@ def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_si
     if compile is None:
         eager_seconds = timings.get("eager") or time_decode_step(model, eager, batch_size, 5, **sampling)[1]
         compiled = timings.get("compiled") or eager_seconds / GUESSED_SPEEDUP
-        cost = seconds_to_ready(timings, packaged=packaged, built=built)
+        cost = ready_timing(timings, packaged=packaged, built=built)[1]
         compile = tinyllm_hooks.compile_pays(relative_gain=1 - compiled / eager_seconds,
                                              remaining_seconds=eager_seconds * tokens, compile_seconds=cost)
         logger.info("one-token step %s: %s tokens at %.2f ms eager%s, compiled %.2f ms (%s), %s %.1f s",
@@ -339,22 +341,22 @@ def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_si
         return eager
     first, seconds = time_decode_step(model, step, batch_size, **sampling)
     if step.module is not step.eager:  # it compiled: keep what it cost and gave
-        ready = "load seconds" if built else "warm compile seconds" if (
-            not packaged and "compile seconds" in timings) else "compile seconds"
+        ready = ready_timing(timings, packaged=packaged, built=built)[0]
         record_decode_timings(model, batch_size, {ready: first, "compiled": seconds}, record_path)
     return step
 
 
-def seconds_to_ready(timings: dict, *, packaged: bool, built: bool) -> float:
-    """Seconds before a compiled step's first token, from `timings` or guessed: to load a library built
-    before, to build one (on a CPU), or to compile (on a GPU, faster from PyTorch's cache once warm)."""
+def ready_timing(timings: dict, *, packaged: bool, built: bool) -> tuple:
+    """(the timing's name, seconds from `timings` or guessed) of getting a compiled step ready: loading
+    a library built before, building one (on a CPU), or compiling (on a GPU, faster from PyTorch's
+    cache once a compile is on record)."""
     cold = timings.get("compile seconds")
     if built:
-        return timings.get("load seconds", GUESSED_LOAD_SECONDS)
-    if packaged:
-        return cold or tinyllm_hooks.GUESSED_COMPILE_SECONDS
-    return timings.get("warm compile seconds") or (
-        tinyllm_hooks.WARM_COMPILE_SHARE * cold if cold else tinyllm_hooks.GUESSED_COMPILE_SECONDS)
+        return "load seconds", timings.get("load seconds", GUESSED_LOAD_SECONDS)
+    if packaged or not cold:
+        return "compile seconds", cold or tinyllm_hooks.GUESSED_COMPILE_SECONDS
+    warm = timings.get("warm compile seconds")
+    return "warm compile seconds", warm or tinyllm_hooks.WARM_COMPILE_SHARE * cold
 
 
 def recorded_decode_timings(model: tinyllm.TransformerModel, batch_size: int,
