@@ -380,20 +380,22 @@ def test_cache_gives_the_logits_of_a_full_forward_pass():
         model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
 
 
-def test_one_static_cache_serves_the_whole_generation_and_one_token_steps_go_through_decode_step():
+def test_one_static_cache_serves_the_whole_generation_and_every_step_of_it_goes_through_decode_step():
     model, calls = tiny_model(), []  # max_context 16: the window jumps to the newest 8 tokens
 
-    def step(token, position, cache, race, **sampling):
-        calls.append((tuple(token.shape), int(position), tuple(cache.keys1.shape), id(cache)))
+    def step(tokens, positions, cache, race, **sampling):
+        calls.append((tokens.shape[1], positions.tolist(), tuple(cache.keys1.shape), id(cache)))
         assert race.shape == (2, 11) and sampling == {"temperature": 1.0, "top_k": 1, "top_p": None}
-        return tinyllm.next_token(model, token, position, cache, race, **sampling)
+        return tinyllm.next_token(model, tokens, positions, cache, race, **sampling)
     idx = torch.randint(11, (2, 5))
     out = tinyllm.generate(model, idx, 40, top_k=1, decode_step=step)
     assert torch.equal(out, tinyllm.generate(model, idx, 40, top_k=1, use_cache=False))
-    # The prompt fills positions 0-4; each jump fills 0-7 again in one pass, outside `step`.
-    positions = [position for _, position, _, _ in calls]
-    assert positions == [*range(5, 16), *range(8, 16), *range(8, 16), *range(8, 16)]
-    assert {(shape, cache_shape) for shape, _, cache_shape, _ in calls} == {((2, 1), (2, 2, 16, 8))}
+    # The prompt fills positions 0-4 in one step, each jump fills 0-7 again in one, then a token a step.
+    expected = [list(range(5)), *[[p] for p in range(5, 16)]]
+    expected += 4 * [list(range(8)), *[[p] for p in range(8, 16)]]
+    assert [positions for _, positions, _, _ in calls] == expected[:40]
+    assert [length for length, *_ in calls] == [len(positions) for positions in expected[:40]]
+    assert {cache_shape for _, _, cache_shape, _ in calls} == {(2, 2, 16, 8)}
     assert len({cache for *_, cache in calls}) == 1
 
 

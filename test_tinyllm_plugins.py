@@ -1,5 +1,6 @@
 """Tests of the plug-in modules (tinyllm_bpe, tinyllm_inference, tinyllm_hooks) and of the command
 line, end to end: crash safety, exact resume, bad input, torchrun."""
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -454,20 +455,22 @@ def test_batched_samples_are_reproducible_and_each_ends_at_its_own_stop_string()
 
 @pytest.fixture
 def fake_aoti(monkeypatch, tmp_path):
-    """AOTInductor without its C++ build: the exported program runs as torch.export captured it, so a
+    """AOTInductor without its C++ build: an exported program runs as torch.export captured it, so a
     test checks the export, the library folder and the choices in a second instead of half a minute.
-    Yields the programs built so far."""
+    Yields the libraries packed so far, each a dict of its programs' (graph module, example inputs)."""
+    from torch._inductor import package
     built = []
 
-    def compile_and_package(program, package_path, inductor_configs):
-        built.append(program)
-        Path(package_path).write_text(str(len(built) - 1))
+    def package_aoti(path, programs):
+        built.append(programs)
+        Path(path).write_text(str(len(built) - 1))
 
-    def load_package(path):
-        module = built[int(Path(path).read_text())].module()
+    def load_package(path, name):
+        module = built[int(Path(path).read_text())][name][0]
         return types.SimpleNamespace(loader=types.SimpleNamespace(boxed_run=lambda inputs: [module(*inputs)]))
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", load_package)
+    monkeypatch.setattr(torch._inductor, "aot_compile", lambda module, inputs, options: (module, inputs))
+    monkeypatch.setattr(package, "package_aoti", package_aoti)
+    monkeypatch.setattr(package, "load_package", load_package)
     monkeypatch.setattr(tinyllm_inference, "DECODE_PACKAGES", tmp_path / "decode")
     yield built
 
@@ -496,6 +499,22 @@ def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_libra
     step = tinyllm_inference.compile_decode_step(model, tmp_path)
     assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 4
     assert step.module is not step.eager and library.read_text() == "3"
+
+
+def test_a_library_holds_the_one_token_step_and_the_refill_and_a_prompt_runs_eager(fake_aoti, tmp_path):
+    model, idx = tiny_model(), torch.randint(11, (1, 5))  # max_context 16: a jump refills 8 tokens
+    step, sampling = tinyllm_inference.compile_decode_step(model, tmp_path), {"top_k": 1}
+    programs = step.module.load(1, tinyllm_inference.with_defaults(sampling))
+    step.module.runners[(1, tuple(sorted(tinyllm_inference.with_defaults(sampling).items())))] = programs
+    runs = collections.Counter()
+    for length, program in programs.items():  # count each program's runs
+        run = program.loader.boxed_run
+        program.loader.boxed_run = lambda inputs, run=run, length=length: runs.update([length]) or run(inputs)
+    assert torch.equal(tinyllm.generate(model, idx, 30, decode_step=step, **sampling),
+                       tinyllm.generate(model, idx, 30, **sampling))
+    assert len(fake_aoti) == 1 and set(fake_aoti[0]) == {"tokens1", "tokens8"}
+    # The prompt's 5 tokens eager; 11 steps to position 15, a refill, 8 steps, a refill, 8 steps.
+    assert runs == {1: 27, 8: 2}
 
 
 @CUDA
@@ -549,7 +568,7 @@ def no_compiler(monkeypatch):
     def broken_build(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken_build)
+    monkeypatch.setattr(torch._inductor, "aot_compile", broken_build)
 
 
 def test_a_one_token_step_that_fails_to_compile_falls_back_to_eager_with_a_warning(

@@ -844,11 +844,11 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
     return (logits.softmax(dim=-1) / race).argmax(dim=-1, keepdim=True)
 
 
-def next_token(model: TransformerModel, token: torch.Tensor, position: torch.Tensor, cache: KVCache,
+def next_token(model: TransformerModel, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                race: torch.Tensor, **sampling: Any) -> torch.Tensor:
-    """One step of cached generation: the token (B, 1) after `token` (B, 1) standing at `position` (1,),
+    """One step of cached generation: the token (B, 1) after `tokens` (B, T) standing at `positions` (T,),
     drawn with `race` (see `sample_next`, which takes `sampling`). tinyllm_inference compiles it."""
-    return sample_next(model.logits(token, position, cache)[:, -1], race=race, **sampling)
+    return sample_next(model.logits(tokens, positions, cache)[:, -1], race=race, **sampling)
 
 
 def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -873,10 +873,10 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     newest max_context // 2 tokens are kept and the cache is filled again from them in one pass (a
     cache cannot just drop its oldest position, since every later position's keys were computed while
     attending to it). Without the cache the same window is recomputed at each step, so both routes
-    give the same tokens and the cache makes each step cost one position. The one-token steps call
-    `decode_step(token, position, cache, race, **sampling)`: `next_token`, or a compiled one
-    (tinyllm_inference). The random draws are made here, one (B, vocab) tensor a token, so a seed gives
-    the same tokens whichever route runs.
+    give the same tokens and the cache makes each step cost one position. Each step of the cache, the
+    window's first fill as each token after it, calls `decode_step(tokens, positions, cache, race,
+    **sampling)`: `next_token`, or a compiled one (tinyllm_inference). The random draws are made here,
+    one (B, vocab) tensor a token, so a seed gives the same tokens whichever route runs.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -894,13 +894,12 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
             race = torch.empty(**draws).exponential_(generator=generator)
             if cache is None:
                 next_id = sample_next(model(context)[0][:, -1], race=race, **sampling)
-            elif cache.length == 0:  # the first fill, a window of any length: not the compiled step
-                next_id = sample_next(model(new, cache=cache)[0][:, -1], race=race, **sampling)
-                position = torch.tensor([cache.length], device=idx.device)
-            else:
-                next_id = step(new, position, cache, race, **sampling)
-                position += 1  # in place: a compiled step sees the same tensor every time
-                cache.length += 1
+            else:  # the tokens the cache has not seen: a whole window when one starts, then one a step
+                if cache.length == 0:
+                    positions = torch.arange(new.shape[1], device=idx.device)
+                next_id = step(new, positions, cache, race, **sampling)
+                cache.length += new.shape[1]
+                positions = positions[-1:] + 1
             yield next_id
             context, new = torch.cat([context, next_id], dim=1), next_id
     finally:  # also when the caller stops early, e.g. at a stop string

@@ -189,9 +189,9 @@ def time_decode_step(model: tinyllm.TransformerModel, step: Callable, batch_size
 def compile_decode_step(model: tinyllm.TransformerModel,
                         folder: Optional[tinyllm.PathLike] = None) -> Callable:
     """`tinyllm.next_token` for `model`, compiled, falling back to eager with a warning if compiling
-    fails. A step is a few dozen small kernels, so what is left to win is the overhead around them:
-    on a GPU, torch.compile with CUDA graphs launches them all at once; on a CPU, AOTInductor builds
-    a library that C++ calls without Python (see PackagedDecodeStep)."""
+    fails. A one-token step is a few dozen small kernels, so what is left to win is the overhead
+    around them: on a GPU, torch.compile with CUDA graphs launches them all at once; on a CPU,
+    AOTInductor builds a library that C++ calls without Python (see PackagedDecodeStep)."""
     eager = functools.partial(tinyllm.next_token, model)
     if next(model.parameters()).device.type == "cpu":
         return tinyllm_hooks.EagerFallback(PackagedDecodeStep(model, folder or DECODE_PACKAGES), eager)
@@ -199,11 +199,12 @@ def compile_decode_step(model: tinyllm.TransformerModel,
     options = {"guard_filter_fn": skip_module_guards} if skip_module_guards else {}
     options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
     compiled = torch.compile(eager, dynamic=False, options=options)
-    return tinyllm_hooks.EagerFallback(with_static_cache(compiled), eager)
+    return tinyllm_hooks.EagerFallback(with_static_cache(compiled, eager), eager)
 
 
-def with_static_cache(compiled: Callable) -> Callable:
-    """`compiled`, with each new cache's tensors marked as staying at their addresses. A CUDA graph
+def with_static_cache(compiled: Callable, eager: Callable) -> Callable:
+    """`compiled` for one-token steps, with each new cache's tensors marked as staying at their
+    addresses, and `eager` for a window's fill (each length would be a graph of its own). A CUDA graph
     replays fixed addresses, so it skips (runs without graphs) a step that writes in place to an
     input it would have to copy; a marked cache is written where it lies (as a static cache in
     Hugging Face transformers does), and a new cache only makes the graph be recorded again."""
@@ -211,6 +212,8 @@ def with_static_cache(compiled: Callable) -> Callable:
 
     def step(token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache, race: torch.Tensor,
              **sampling: Any) -> torch.Tensor:
+        if token.shape[1] > 1:
+            return eager(token, position, cache, race, **sampling)
         if cache not in marked:
             for tensor in cache.buffers():
                 torch._dynamo.mark_static_address(tensor, guard=False)
@@ -227,24 +230,28 @@ class ExportedStep(nn.Module):
         super().__init__()
         self.model, self.sampling = model, sampling
 
-    def forward(self, token: torch.Tensor, position: torch.Tensor, race: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, race: torch.Tensor,
                 *cache_tensors: torch.Tensor) -> torch.Tensor:
-        cache = tinyllm.KVCache(self.model, token.shape[0], cache_tensors)
-        return tinyllm.next_token(self.model, token, position, cache, race, **self.sampling)
+        cache = tinyllm.KVCache(self.model, tokens.shape[0], cache_tensors)
+        return tinyllm.next_token(self.model, tokens, positions, cache, race, **self.sampling)
 
 
 class PackagedDecodeStep:
-    """The one-token step on a CPU, compiled ahead of time: torch.export captures it and AOTInductor
-    turns it into a shared library with the weights inside, which C++ runs with no Python between the
+    """The cache's steps on a CPU, compiled ahead of time: torch.export captures them and AOTInductor
+    turns them into a shared library with the weights inside, which C++ runs with no Python between the
     kernels. Called through torch.compile instead, this small model's step spends more time in the
     Python around the compiled code (guards, wrappers, ~40 tensor arguments) than in its kernels.
-    A library is built per batch size and sampling settings (they are part of the code) and kept in
-    `folder` under a name hashed from them, the weights and torch, so the next run only loads it."""
+    The library holds two programs: the one-token step, and the refill of a window after it jumps
+    (max_context // 2 tokens; eager, it costs as much as 50 one-token steps); a prompt of another
+    length runs eager. A library is built per batch size and sampling settings (they are part of the
+    code) and kept in `folder` under a name hashed from them, the weights and torch, so the next run
+    only loads it."""
 
     KEEP = 16  # the newest libraries kept in the folder; older ones are deleted
 
     def __init__(self, model: tinyllm.TransformerModel, folder: tinyllm.PathLike):
         self.model, self.folder = model, Path(folder)
+        self.lengths = sorted({1, model.max_context // 2 or 1})  # the token counts it has programs for
         digest = hashlib.sha256()
         for name, tensor in model.state_dict().items():
             digest.update(name.encode())
@@ -253,29 +260,35 @@ class PackagedDecodeStep:
         self.runners: dict = {}  # (batch size, sampling) -> the loaded library
         self.cache_tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # listed once a cache
 
-    def __call__(self, token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache,
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: tinyllm.KVCache,
                  race: torch.Tensor, **sampling: Any) -> torch.Tensor:
-        key = (token.shape[0], tuple(sorted(sampling.items())))
+        batch_size, length = tokens.shape
+        if length not in self.lengths:  # a prompt: once a generation
+            return tinyllm.next_token(self.model, tokens, positions, cache, race, **sampling)
+        key = (batch_size, tuple(sorted(sampling.items())))
         if key not in self.runners:
-            self.runners[key] = self.load(token.shape[0], sampling)
+            self.runners[key] = self.load(batch_size, sampling)
         if cache not in self.cache_tensors:
             self.cache_tensors[cache] = list(cache.buffers())
         # The loader's own run, without the tree of arguments that the library's __call__ parses each
         # time (it costs half as much as the step itself).
-        return self.runners[key].loader.boxed_run([token, position, race, *self.cache_tensors[cache]])[0]
+        program = self.runners[key][length]
+        return program.loader.boxed_run([tokens, positions, race, *self.cache_tensors[cache]])[0]
 
     @staticmethod
-    def options(batch_size: int) -> dict:
+    def options(batch_size: int, length: int) -> dict:
         """Inductor's settings. One allocation holds all the step's intermediate tensors (a quarter
-        faster than allocating each, measured), and at batch 1 Inductor writes the matrix-vector products
-        as its own loops: no library calls."""
-        mm_as_loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if batch_size == 1 else {}
-        return {"memory_planning": True, **mm_as_loops}
+        faster than allocating each, measured), and for one token of one sample Inductor writes the
+        matrix-vector products as its own loops: no library calls."""
+        one_row = batch_size * length == 1
+        mm_as_loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if one_row else {}
+        return {"memory_planning": True, "aot_inductor.package": True, **mm_as_loops}
 
     def path(self, batch_size: int, sampling: dict) -> Path:
         """Where the library for `batch_size` and `sampling` lies, once built."""
+        programs = {length: self.options(batch_size, length) for length in self.lengths}
         name = hashlib.sha256(f"{torch.__version__} {tinyllm_hooks.chip_name(torch.device('cpu'))} "
-                              f"{self.model.config} {self.model.quantization} {self.options(batch_size)} "
+                              f"{self.model.config} {self.model.quantization} {programs} "
                               f"{sorted(sampling.items())} {self.weights_hash}".encode()).hexdigest()[:24]
         return self.folder / f"decode-{name}.pt2"
 
@@ -283,33 +296,37 @@ class PackagedDecodeStep:
         """Whether the library for `batch_size` and `sampling` lies in the folder, to be loaded."""
         return self.path(batch_size, sampling).exists()
 
-    def load(self, batch_size: int, sampling: dict) -> Callable:
-        """The library for `batch_size` and `sampling`: from the folder, or built and saved there. One
-        that does not load (truncated, say) is built again."""
+    def load(self, batch_size: int, sampling: dict) -> dict:
+        """The programs for `batch_size` and `sampling`, by token count: from the folder's library, or
+        built and saved there. A library that does not load (truncated, say) is built again."""
+        from torch._inductor import package  # AOTInductor's packages, imported when first used
         path = self.path(batch_size, sampling)
         if path.exists():
             os.utime(path)  # recently used: kept
             try:
-                return torch._inductor.aoti_load_package(str(path))
+                return {length: package.load_package(str(path), f"tokens{length}") for length in self.lengths}
             except Exception as e:
                 logger.warning("%s does not load (%s); building it again", path, tinyllm_hooks.first_line(e))
         self.build(path, batch_size, sampling)
-        return torch._inductor.aoti_load_package(str(path))
+        return {length: package.load_package(str(path), f"tokens{length}") for length in self.lengths}
 
     def build(self, path: Path, batch_size: int, sampling: dict) -> None:
-        """Export the step, build its library into `path`, and delete all but the newest KEEP."""
-        cache = tinyllm.KVCache(self.model, batch_size)
-        inputs = (torch.zeros(batch_size, 1, dtype=torch.long), torch.tensor([0]),
-                  torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
+        """Export the programs, build them into one library at `path`, and delete all but the newest KEEP."""
+        from torch._inductor import package
+        cache, files = tinyllm.KVCache(self.model, batch_size), {}
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Built under a name of this process's own, then renamed: a crash mid-build leaves no library to
-        # load, and two processes building the same one do not write into one file.
-        partial = path.with_name(f"partial-{os.getpid()}-{path.name}")
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.13's export warns of its own internals
-            program = torch.export.export(ExportedStep(self.model, sampling), inputs)
-            torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
-                                                     inductor_configs=self.options(batch_size))
+            for length in self.lengths:
+                inputs = (torch.zeros(batch_size, length, dtype=torch.long), torch.arange(length),
+                          torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
+                program = torch.export.export(ExportedStep(self.model, sampling), inputs)
+                files[f"tokens{length}"] = torch._inductor.aot_compile(
+                    program.module(check_guards=False), inputs, options=self.options(batch_size, length))
+        # Packed under a name of this process's own, then renamed: a crash mid-build leaves no library to
+        # load, and two processes building the same one do not write into one file.
+        partial = path.with_name(f"partial-{os.getpid()}-{path.name}")
+        package.package_aoti(str(partial), files)
         os.replace(partial, path)
         for old in sorted(self.folder.glob("decode-*.pt2"), key=lambda p: p.stat().st_mtime)[:-self.KEEP]:
             old.unlink(missing_ok=True)
