@@ -271,9 +271,10 @@ class PackagedDecodeStep:
         if cache not in self.cache_tensors:
             self.cache_tensors[cache] = list(cache.buffers())
         # The loader's own run, without the tree of arguments that the library's __call__ parses each
-        # time (it costs half as much as the step itself).
+        # time (it costs half as much as the step itself). It reads each tensor as if laid out in order:
+        # a window cut from a batch's longer one, or a prompt expanded to a batch, is copied first.
         program = self.runners[key][length]
-        return program.loader.boxed_run([tokens, positions, race, *self.cache_tensors[cache]])[0]
+        return program.loader.boxed_run([tokens.contiguous(), positions, race, *self.cache_tensors[cache]])[0]
 
     @staticmethod
     def options(batch_size: int, length: int) -> dict:
