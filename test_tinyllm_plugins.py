@@ -980,18 +980,18 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 1.0}')
     run = ["--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
-           "--max-context", 32, "--max-steps", 300, "--seed", 7, "--config", tmp_path / "c.json", "--quiet",
+           "--max-context", 32, "--max-steps", 100, "--seed", 7, "--config", tmp_path / "c.json", "--quiet",
            "--checkpoint-frequency", 20]
     stopped = stop_with_a_signal(start_cli(*cli_args(run)), signal.SIGTERM, tmp_path / "out")
-    assert stopped < 300
+    assert stopped < 100
     again = cli(*run, "--resume")  # the same command, resumed, with the same tokens from the cache
     assert again.returncode == 0, again.stderr
     log = (tmp_path / "out" / "tinyllm_training.log").read_text()
     assert log.count("tokens: tokenized in ") == 1 and log.count("tokens: from the token cache, ") == 1
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 0.5}')
-    changed = cli(*[400 if part == 300 else part for part in run], "--resume")
+    changed = cli(*[200 if part == 100 else part for part in run], "--resume")
     assert changed.returncode == 2 and len(changed.stderr.splitlines()) == 1
-    assert "--max-steps 400 (saved: 300)" in changed.stderr
+    assert "--max-steps 200 (saved: 100)" in changed.stderr
     assert "grad_clip 0.5 (saved: 1.0)" in changed.stderr
     assert "--seed" not in changed.stderr and "val_frequency" not in changed.stderr
 
