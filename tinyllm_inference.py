@@ -210,15 +210,15 @@ def with_static_cache(compiled: Callable, eager: Callable) -> Callable:
     Hugging Face transformers does), and a new cache only makes the graph be recorded again."""
     marked: weakref.WeakSet = weakref.WeakSet()  # the caches marked so far, while they live
 
-    def step(token: torch.Tensor, position: torch.Tensor, cache: tinyllm.KVCache, race: torch.Tensor,
+    def step(tokens: torch.Tensor, positions: torch.Tensor, cache: tinyllm.KVCache, race: torch.Tensor,
              **sampling: Any) -> torch.Tensor:
-        if token.shape[1] > 1:
-            return eager(token, position, cache, race, **sampling)
+        if tokens.shape[1] > 1:
+            return eager(tokens, positions, cache, race, **sampling)
         if cache not in marked:
             for tensor in cache.buffers():
                 torch._dynamo.mark_static_address(tensor, guard=False)
             marked.add(cache)
-        return compiled(token, position, cache, race, **sampling)
+        return compiled(tokens, positions, cache, race, **sampling)
 
     return step
 
@@ -257,7 +257,7 @@ class PackagedDecodeStep:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         self.weights_hash = digest.hexdigest()
-        self.runners: dict = {}  # (batch size, sampling) -> the loaded library
+        self.runners: dict = {}  # (batch size, sampling) -> the library's programs by token count
         self.cache_tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # listed once a cache
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: tinyllm.KVCache,
@@ -300,15 +300,19 @@ class PackagedDecodeStep:
     def load(self, batch_size: int, sampling: dict) -> dict:
         """The programs for `batch_size` and `sampling`, by token count: from the folder's library, or
         built and saved there. A library that does not load (truncated, say) is built again."""
-        from torch._inductor import package  # AOTInductor's packages, imported when first used
         path = self.path(batch_size, sampling)
         if path.exists():
             os.utime(path)  # recently used: kept
             try:
-                return {length: package.load_package(str(path), f"tokens{length}") for length in self.lengths}
+                return self.programs_in(path)
             except Exception as e:
                 logger.warning("%s does not load (%s); building it again", path, tinyllm_hooks.first_line(e))
         self.build(path, batch_size, sampling)
+        return self.programs_in(path)
+
+    def programs_in(self, path: Path) -> dict:
+        """The library's programs, loaded, by the number of tokens each takes."""
+        from torch._inductor import package  # AOTInductor's packages (3 s to import), when first used
         return {length: package.load_package(str(path), f"tokens{length}") for length in self.lengths}
 
     def build(self, path: Path, batch_size: int, sampling: dict) -> None:
