@@ -508,8 +508,7 @@ def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_libra
 def test_a_library_holds_the_one_token_step_and_the_refill_and_a_prompt_runs_eager(fake_aoti, tmp_path):
     model, idx = tiny_model(), torch.randint(11, (1, 5))  # max_context 16: a jump refills 8 tokens
     step, sampling = tinyllm_inference.compile_decode_step(model, tmp_path), {"top_k": 1}
-    programs = step.module.load(1, tinyllm_inference.with_defaults(sampling))
-    step.module.runners[(1, tuple(sorted(tinyllm_inference.with_defaults(sampling).items())))] = programs
+    programs = step.module.programs(1, tinyllm_inference.with_defaults(sampling))
     runs = collections.Counter()
     for length, program in programs.items():  # count each program's runs
         run = program.loader.boxed_run

@@ -745,6 +745,11 @@ class TransformerModel(nn.Module):
     def max_context(self) -> int:
         return self.config.max_context
 
+    @property
+    def window_after_jump(self) -> int:
+        """The newest tokens that generation keeps when its window is full and jumps (generate_tokens)."""
+        return self.max_context // 2 or 1
+
     def grow_vocabulary(self, vocab_size: int) -> None:
         """Add embedding and output rows for new tokens; the trained rows keep their values, so the
         old tokens' logits do not change until training updates them."""
@@ -888,18 +893,16 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
         context = new = idx[:, -model.max_context:]  # new: the tokens the cache has not seen yet
         for _ in range(max_new_tokens):
             if context.shape[1] > model.max_context:  # the window jumps; the cache is filled again
-                context = new = context[:, -(model.max_context // 2 or 1):]
+                context = new = context[:, -model.window_after_jump:]
                 if cache is not None:  # its old slots stay, masked until they are written again
                     cache.length = 0
             race = torch.empty(**draws).exponential_(generator=generator)
             if cache is None:
                 next_id = sample_next(model(context)[0][:, -1], race=race, **sampling)
             else:  # the tokens the cache has not seen: a whole window when one starts, then one a step
-                if cache.length == 0:
-                    positions = torch.arange(new.shape[1], device=idx.device)
+                positions = torch.arange(cache.length, cache.length + new.shape[1], device=idx.device)
                 next_id = step(new, positions, cache, race, **sampling)
                 cache.length += new.shape[1]
-                positions = positions[-1:] + 1
             yield next_id
             context, new = torch.cat([context, next_id], dim=1), next_id
     finally:  # also when the caller stops early, e.g. at a stop string

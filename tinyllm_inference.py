@@ -251,7 +251,7 @@ class PackagedDecodeStep:
 
     def __init__(self, model: tinyllm.TransformerModel, folder: tinyllm.PathLike):
         self.model, self.folder = model, Path(folder)
-        self.lengths = sorted({1, model.max_context // 2 or 1})  # the token counts it has programs for
+        self.lengths = sorted({1, model.window_after_jump})  # the token counts it has programs for
         digest = hashlib.sha256()
         for name, tensor in model.state_dict().items():
             digest.update(name.encode())
@@ -265,16 +265,20 @@ class PackagedDecodeStep:
         batch_size, length = tokens.shape
         if length not in self.lengths:  # a prompt: once a generation
             return tinyllm.next_token(self.model, tokens, positions, cache, race, **sampling)
-        key = (batch_size, tuple(sorted(sampling.items())))
-        if key not in self.runners:
-            self.runners[key] = self.load(batch_size, sampling)
         if cache not in self.cache_tensors:
             self.cache_tensors[cache] = list(cache.buffers())
         # The loader's own run, without the tree of arguments that the library's __call__ parses each
         # time (it costs half as much as the step itself). It reads each tensor as if laid out in order:
         # a window cut from a batch's longer one, or a prompt expanded to a batch, is copied first.
-        program = self.runners[key][length]
+        program = self.programs(batch_size, sampling)[length]
         return program.loader.boxed_run([tokens.contiguous(), positions, race, *self.cache_tensors[cache]])[0]
+
+    def programs(self, batch_size: int, sampling: dict) -> dict:
+        """The library's programs for `batch_size` and `sampling`, by token count; loaded once."""
+        key = (batch_size, tuple(sorted(sampling.items())))
+        if key not in self.runners:
+            self.runners[key] = self.load(batch_size, sampling)
+        return self.runners[key]
 
     @staticmethod
     def options(batch_size: int, length: int) -> dict:
