@@ -5,7 +5,6 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import gc
 import hashlib
 import http.server
 import importlib.util
@@ -1134,9 +1133,8 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path,
 
 
 def stop_with_a_signal(process, signal_number, out):
-    """Send a training process the signal once it has validated (so has a checkpoint), check that it
-    ends with 128 + the signal's number, no traceback and a log that says how to resume; return the
-    step its last.pt holds."""
+    """Send a training process the signal once it has validated (so has a checkpoint); return the step
+    its last.pt holds (checked by stopped_by)."""
     metrics = out / "metrics.csv"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 1)
     process.send_signal(signal_number)
@@ -1144,8 +1142,14 @@ def stop_with_a_signal(process, signal_number, out):
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 128 + signal_number, stderr
-    assert "Traceback" not in stderr + stdout
+    return stopped_by(signal_number, out, process.returncode, stdout + stderr)
+
+
+def stopped_by(signal_number, out, exit_code, output):
+    """Check that a run stopped by the signal ended with 128 + its number, no traceback and a log that
+    says how to resume; return the step its last.pt holds."""
+    assert exit_code == 128 + signal_number, output
+    assert "Traceback" not in output
     stopped_at = tinyllm.load_checkpoint(out / "last.pt").step
     log = (out / "tinyllm_training.log").read_text()
     assert f"stopped by {signal.Signals(signal_number).name} after step {stopped_at}" in log
@@ -1153,12 +1157,24 @@ def stop_with_a_signal(process, signal_number, out):
     return stopped_at
 
 
-def test_ctrl_c_saves_last_pt_and_says_how_to_resume(tmp_path):
-    """SIGINT here; test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes stops its run
-    with SIGTERM."""
+def test_ctrl_c_saves_last_pt_and_says_how_to_resume(tmp_path, cli, monkeypatch):
+    """Ctrl-C here in this process, right after the first validation (test_cli_resume_accepts_the_runs_
+    own_settings_and_names_real_changes stops a process of its own with SIGTERM)."""
+    validate = tinyllm.Trainer._validate
+
+    def validate_then_press_ctrl_c(trainer):
+        validate(trainer)
+        if trainer.state.step == 25:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once: before the next step
+    monkeypatch.setattr(tinyllm.Trainer, "_validate", validate_then_press_ctrl_c)
     out = tmp_path / "out"
-    process = start_cli(*long_run_args(tmp_path, **{"--max-steps": 10**6}), "--out-dir", out)
-    assert stop_with_a_signal(process, signal.SIGINT, out) >= 25
+    runners = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not ignored
+    try:
+        result = cli(*long_run_args(tmp_path), "--out-dir", out)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put it back
+    finally:
+        signal.signal(signal.SIGINT, runners)
+    assert stopped_by(signal.SIGINT, out, result.returncode, result.stdout + result.stderr) == 25
 
 
 def test_cli_stops_an_exploding_run_with_exit_code_2(tmp_path, cli):
@@ -1266,44 +1282,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def first_step_in_process(rank, world_size, port, batch_size, out_dir, result_path):
-    """Runs in a spawned process: one forward and backward pass of a Trainer, as under torchrun."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    config = TrainingConfig(model_size="tiny", max_context=32, batch_size=batch_size, compile=False,
-                            device="cpu", out_dir=out_dir)
-    trainer = tinyllm.Trainer(config, PLAY, quiet=True, world=tinyllm_hooks.world_from_environment())
-    assert isinstance(trainer.world, tinyllm_hooks.DistributedWorld) and trainer.world.size == world_size
-    loader = tinyllm.epoch_loader(trainer.train_ids, 32, batch_size, trainer.generator, rank, world_size)
-    x, y = next(iter(loader))
-    loss = trainer.train_model(x, y)[1]
-    loss.backward()  # DistributedDataParallel averages the gradients here
-    mean_loss = trainer.world.mean(loss, 1)
-    if rank == 0:
-        grads = {name: p.grad for name, p in trainer.model.named_parameters()}
-        torch.save({"loss": mean_loss, "grads": grads}, result_path)
-    del trainer, loader, loss  # DistributedDataParallel goes before the process group it uses
-    gc.collect()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    config = TrainingConfig(model_size="tiny", max_context=32, batch_size=16, compile=False, device="cpu",
-                            out_dir=None)
-    trainer = tinyllm.Trainer(config, PLAY, quiet=True)  # one process, here: the same first batch of 16
-    x, y = next(iter(tinyllm.epoch_loader(trainer.train_ids, 32, 16, trainer.generator)))
-    loss = trainer.train_model(x, y)[1]
-    loss.backward()
-    args = (2, free_port(), 8, str(tmp_path / "out"), str(tmp_path / "two.pt"))
-    torch.multiprocessing.spawn(first_step_in_process, nprocs=2, args=args)  # two processes, 8 each
-    two = torch.load(tmp_path / "two.pt")
-    assert two["loss"] == pytest.approx(loss.item(), abs=1e-5)
-    for name, weight in trainer.model.named_parameters():
-        assert torch.allclose(two["grads"][name], weight.grad, atol=1e-5), name
-
-
 def torchrun(*args, script=SCRIPT):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(script), *map(str, args), "--no-compile", "--device", "cpu"]  # gloo, one CPU each
@@ -1311,24 +1289,32 @@ def torchrun(*args, script=SCRIPT):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_torchrun_trains_with_one_writer_and_a_checkpoint_one_process_loads(tmp_path):
+def test_torchrun_trains_with_one_writer_and_as_one_process_with_the_same_global_batch(tmp_path, cli):
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
-    result = torchrun("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
-                      "--max-context", 32, "--batch-size", 8, "--max-steps", 20, "--val-frequency", 10,
-                      "--quiet")
+    run = ["--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32, "--max-steps", 20,
+           "--val-frequency", 10, "--quiet"]
+    result = torchrun(*run, "--out-dir", tmp_path / "two", "--batch-size", 8)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = {"best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log", "metrics.csv",
-                "samples.txt", "summary.json"}
-    names = {p.name for p in (tmp_path / "out").iterdir()}
+                "samples.txt", "summary.json", "steps.csv"}
+    names = {p.name for p in (tmp_path / "two").iterdir()}
     assert expected <= names and not [name for name in names if name.endswith(".tmp")], (names, result.stderr)
-    log = (tmp_path / "out" / "tinyllm_training.log").read_text()
+    log = (tmp_path / "two" / "tinyllm_training.log").read_text()
     assert "batch 8 per process x 2 processes = 16" in log, log
     assert log.count("stopped after 20 steps") == 1, log
-    assert len(list(csv.DictReader(open(tmp_path / "out" / "metrics.csv")))) == 2
-    checkpoint = tinyllm.load_checkpoint(tmp_path / "out" / "last.pt")
-    assert checkpoint.step == 20
-    assert tinyllm.generate(checkpoint.model, torch.zeros(1, 1, dtype=torch.long), 5).shape == (1, 6)
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["tokens_seen"] == 20 * 16 * 32
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["tokens_seen"] == 20 * 16 * 32
+    one = cli(*run, "--out-dir", tmp_path / "one", "--batch-size", 16, "--no-compile", "--device", "cpu")
+    assert one.returncode == 0, one.stderr
+    two, one = (tinyllm.load_checkpoint(tmp_path / name / "last.pt") for name in ("two", "one"))
+    assert two.step == one.step == 20  # and every step took the same batch and the same update:
+    for name, weight in one.model.state_dict().items():
+        assert torch.allclose(two.model.state_dict()[name], weight, atol=1e-5), name
+    for file, steps in (("steps.csv", list(range(1, 21))), ("metrics.csv", [10, 20])):  # whole batches
+        two_rows, one_rows = (list(csv.DictReader(open(tmp_path / name / file))) for name in ("two", "one"))
+        assert [int(row["step"]) for row in two_rows] == [int(row["step"]) for row in one_rows] == steps
+        assert [float(row["train_loss"]) for row in two_rows] == \
+            pytest.approx([float(row["train_loss"]) for row in one_rows], abs=2e-5), file
+    assert tinyllm.generate(two.model, torch.zeros(1, 1, dtype=torch.long), 5).shape == (1, 6)
 
 
 FAILS_ON_ONE_RANK = """

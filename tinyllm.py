@@ -1425,6 +1425,7 @@ class World:
     def join(self, device: torch.device) -> torch.device: return device
     def wrap(self, model: nn.Module) -> nn.Module: return model
     def mean(self, total: torch.Tensor, count: int) -> float: return float(total / count)  # 0 / 0: nan
+    def average(self, values: torch.Tensor) -> torch.Tensor: return values
     def max(self, value: int) -> int: return value
     def barrier(self) -> None: pass
 

@@ -79,6 +79,11 @@ class DistributedWorld(tinyllm.World):
         dist.all_reduce(sums)
         return (sums[0] / sums[1]).item()
 
+    def average(self, values: torch.Tensor) -> torch.Tensor:
+        total = values.detach().clone()
+        dist.all_reduce(total)  # a sum: gloo has no average
+        return total / self.size
+
     def max(self, value: int) -> int:
         tensor = torch.tensor(value, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -667,14 +672,14 @@ class LossPlot(tinyllm.Callback):
 
     def _write(self, trainer: tinyllm.Trainer) -> None:
         if self.pending:
-            losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()  # one wait for the device
+            # every process's loss of its part of the batch, so the mean is the whole batch's loss
+            losses = trainer.world.average(torch.stack([loss for _, loss, _ in self.pending])).tolist()
             trainer.run_dir.write(STEPS_CSV, "".join(f"{step},{loss:.5f},{lr:.4g}\n" for (step, _, lr), loss
                                                      in zip(self.pending, losses)), append=True)
             self.pending = []
 
     def on_end(self, trainer: tinyllm.Trainer, summary: dict) -> None:
-        self._write(trainer)
-        if not trainer.run_dir.metrics:
+        if not trainer.run_dir.metrics:  # (every step is written: a run validates at its last)
             return
         try:
             logger.info("loss curves drawn in %s", plot_losses(trainer.run_dir.path, summary))
