@@ -1157,24 +1157,27 @@ def stopped_by(signal_number, out, exit_code, output):
     return stopped_at
 
 
-def test_ctrl_c_saves_last_pt_and_says_how_to_resume(tmp_path, cli, monkeypatch):
-    """Ctrl-C here in this process, right after the first validation (test_cli_resume_accepts_the_runs_
-    own_settings_and_names_real_changes stops a process of its own with SIGTERM)."""
-    validate = tinyllm.Trainer._validate
+def test_ctrl_c_saves_last_pt_and_the_resumed_run_keeps_every_steps_loss(tmp_path, cli, monkeypatch):
+    """Ctrl-C here in this process, between two validations (test_cli_resume_accepts_the_runs_own_
+    settings_and_names_real_changes stops a process of its own with SIGTERM)."""
+    after_step = tinyllm.Trainer._after_step
 
-    def validate_then_press_ctrl_c(trainer):
-        validate(trainer)
-        if trainer.state.step == 25:
+    def after_step_press_ctrl_c(trainer):
+        after_step(trainer)
+        if trainer.state.step == 33 and trainer.resumed_at is None:
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once: before the next step
-    monkeypatch.setattr(tinyllm.Trainer, "_validate", validate_then_press_ctrl_c)
-    out = tmp_path / "out"
+    monkeypatch.setattr(tinyllm.Trainer, "_after_step", after_step_press_ctrl_c)
+    out, args = tmp_path / "out", long_run_args(tmp_path, **{"--max-steps": 60})
     runners = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not ignored
     try:
-        result = cli(*long_run_args(tmp_path), "--out-dir", out)
+        result = cli(*args, "--out-dir", out)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put it back
     finally:
         signal.signal(signal.SIGINT, runners)
-    assert stopped_by(signal.SIGINT, out, result.returncode, result.stdout + result.stderr) == 25
+    assert stopped_by(signal.SIGINT, out, result.returncode, result.stdout + result.stderr) == 33
+    assert cli("--resume", "--out-dir", out, "--data", tmp_path / "play.txt", "--quiet").returncode == 0
+    steps = [int(row["step"]) for row in csv.DictReader(open(out / "steps.csv"))]
+    assert steps == list(range(1, 61))  # those after the last validation (25) too, once
 
 
 def test_cli_stops_an_exploding_run_with_exit_code_2(tmp_path, cli):

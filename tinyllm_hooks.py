@@ -670,6 +670,10 @@ class LossPlot(tinyllm.Callback):
     def on_validation(self, trainer: tinyllm.Trainer, row: dict) -> None:
         self._write(trainer)
 
+    def on_stop(self, trainer: tinyllm.Trainer, reason: str) -> None:
+        if reason != "error":  # a stop every process agreed on; a signal's saves last.pt next (after this)
+            self._write(trainer)
+
     def _write(self, trainer: tinyllm.Trainer) -> None:
         if self.pending:
             # every process's loss of its part of the batch, so the mean is the whole batch's loss
