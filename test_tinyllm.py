@@ -787,6 +787,31 @@ def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
                         resume=True)
 
 
+class CrashAt(tinyllm.Callback):
+    """Ends the run at `step` as a crash or kill -9 would: nothing after the latest last.pt is saved."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
+            raise RuntimeError("crashed")
+
+
+def test_a_run_that_crashed_resumes_to_the_same_samples_without_repeating_any(tmp_path):
+    config = tiny_config(tmp_path, max_steps=40, checkpoint_frequency=20, sample_frequency=10)
+    whole = dataclasses.replace(config, out_dir=str(tmp_path / "whole"))
+    tinyllm.Trainer(whole, PLAY, quiet=True).train()
+    with pytest.raises(RuntimeError, match="crashed"):  # at step 33, after the sample at step 30
+        tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[CrashAt(33)]).train()
+    assert tinyllm.load_checkpoint(tmp_path / "out" / "last.pt").step == 20
+    tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu"), PLAY, quiet=True,
+                    resume=True).train()
+    samples = (tmp_path / "out" / "samples.txt").read_text()
+    assert samples == (tmp_path / "whole" / "samples.txt").read_text()
+    assert samples.count("=== step 30 ===") == 1 and samples.count("\n=== ") == 4  # 10, 20, 30, 40, the end
+
+
 def test_a_run_saved_before_the_token_shift_existed_resumes_without_one(tmp_path):
     config = tiny_config(tmp_path, max_steps=20, checkpoint_frequency=10)
     shape = dataclasses.replace(config.model_config(len(set(prepare_text(PLAY)))), token_shift=False)
@@ -974,7 +999,10 @@ def test_a_run_stopped_before_its_first_step_resumes_and_keeps_its_files(tmp_pat
     assert tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[StopAt(0)]).train()["steps"] == 0
     where = TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
     assert tinyllm.Trainer(where, PLAY, quiet=True, resume=True).train()["steps"] == 5
-    assert (tmp_path / "out" / "samples.txt").read_text().count("=== the end") == 2  # nothing was cleared
+    log = (tmp_path / "out" / "tinyllm_training.log").read_text()
+    assert "stopped after 0 steps" in log and "stopped after 5 steps" in log  # nothing was set aside
+    samples = (tmp_path / "out" / "samples.txt").read_text()  # but the sample after last.pt came again
+    assert samples.count("=== the end") == 1 and "=== the end, from the best model (step 5) ===" in samples
 
 
 def test_one_run_at_a_time_in_an_out_dir_and_no_temporary_file_left_behind(tmp_path):
@@ -1052,13 +1080,14 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
     (tmp_path / "rng" / "last.pt").write_bytes((tmp_path / "rng.pt").read_bytes())
     with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*random generator states"):
         tinyllm.Trainer(TrainingConfig(out_dir=str(tmp_path / "rng"), device="cpu"), PLAY, resume=True)
-    saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
-    saved["training_state"]["step"] = "two"
-    torch.save(saved, tmp_path / "out" / "last.pt")
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
-    with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*whole numbers"):
-        tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, device="cpu"), PLAY, resume=True)
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()) == before
+    for name, value in (("step", "two"), ("samples_bytes", -1), ("samples_bytes", [])):
+        saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+        saved["training_state"][name] = value
+        torch.save(saved, tmp_path / "out" / "last.pt")
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir())
+        with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*whole numbers"):
+            tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, device="cpu"), PLAY, resume=True)
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()) == before
 
 
 def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint(tmp_path, monkeypatch):

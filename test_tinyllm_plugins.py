@@ -1103,7 +1103,8 @@ def long_run_args(tmp_path, **changes):
 def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path, cli, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --threads sets it; put back after the test
     # Only the killed run needs a process of its own; all three use this process's thread count.
-    args = long_run_args(tmp_path, **{"--threads": torch.get_num_threads(), "--max-steps": 125})
+    args = long_run_args(tmp_path, **{"--threads": torch.get_num_threads(), "--max-steps": 125,
+                                      "--sample-frequency": 30})
     whole = cli(*args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
@@ -1130,6 +1131,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path,
     assert rows[0] == rows[1] and len(rows[0]) == 5  # no row lost or logged twice (every 25 of 125 steps)
     steps = [(d / "steps.csv").read_text().splitlines() for d in (tmp_path / "whole", cut)]
     assert steps[0] == steps[1] and len(steps[0]) == 126  # every step's loss, once, and the same
+    assert (cut / "samples.txt").read_text() == (tmp_path / "whole" / "samples.txt").read_text()
 
 
 def stop_with_a_signal(process, signal_number, out):

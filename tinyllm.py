@@ -1150,6 +1150,7 @@ class RunState:
     scaler: dict = field(default_factory=dict)
     data_sha256: str = ""
     rng: dict = field(default_factory=dict)  # torch's random generators (dropout, samples)
+    samples_bytes: Optional[int] = None  # samples.txt's length: a resumed run cuts the samples after it
     stopped_because: Optional[str] = None  # set when the run has finished
 
     def check_losses(self) -> None:
@@ -1183,6 +1184,8 @@ class RunState:
                   **saved.training_state}
         counts = [fields[name] for name in ("step", "epoch", "batch_in_epoch", "tokens_seen",
                                             "bad_validations")]
+        if fields.get("samples_bytes") is not None:  # None in runs saved before it was kept
+            counts.append(fields["samples_bytes"])
         if not all(type(count) is int and count >= 0 for count in counts):
             raise TypeError(f"step, epoch and the other counts must be whole numbers, got {counts}")
         times = [fields[name] for name in ("best_val_loss", "last_val_loss", "elapsed_seconds",
@@ -1313,10 +1316,10 @@ class RunDirectory:
         if not os.access(self.path, os.W_OK):
             raise TinyLLMError(f"output directory {self.path} is not writable; choose another `out_dir`")
 
-    def open(self, config: TrainingConfig, tokenizer: Tokenizer, *, resumed_at: Optional[int],
+    def open(self, config: TrainingConfig, tokenizer: Tokenizer, *, resumed: Optional[RunState],
              quiet: bool) -> None:
         """Write config.json and tokenizer.json and start the logs and metrics.csv, after setting an
-        earlier run's files aside (or, resuming, dropping the metrics rows logged after last.pt)."""
+        earlier run's files aside (or, resuming, dropping the metrics rows and samples after last.pt)."""
         self.console.setLevel(logging.WARNING if quiet else logging.INFO)
         self.handlers = [self.console if self.main else logging.NullHandler()]  # other processes: silent
         if self.writes:
@@ -1328,9 +1331,13 @@ class RunDirectory:
                     tmp.unlink()
             if (self.path / self.SET_ASIDE).is_dir():  # set aside by a run killed since
                 self._put_back()
-            if resumed_at is not None:
-                drop_metrics_after(self.path / "metrics.csv", resumed_at)
-            for name in () if resumed_at is not None else self.FILES:
+            samples = self.path / "samples.txt"
+            if resumed is not None:  # the steps after last.pt come again, with their rows and samples
+                drop_metrics_after(self.path / "metrics.csv", resumed.step)
+                if resumed.samples_bytes is not None and samples.exists() and \
+                        samples.stat().st_size > resumed.samples_bytes:
+                    os.truncate(samples, resumed.samples_bytes)
+            for name in () if resumed is not None else self.FILES:
                 if (self.path / name).exists():
                     (self.path / self.SET_ASIDE).mkdir(exist_ok=True)
                     os.replace(self.path / name, self.path / self.SET_ASIDE / name)
@@ -1775,7 +1782,8 @@ class Trainer:
         """Run the loop and write every output file; return the summary ({} on the other processes)."""
         try:
             self.world.barrier()  # every process has checked the out-dir before the first writes to it
-            self.run_dir.open(self.config, self.tokenizer, resumed_at=self.resumed_at, quiet=self.quiet)
+            self.run_dir.open(self.config, self.tokenizer, quiet=self.quiet,
+                              resumed=self.state if self.resumed_at is not None else None)
             log_run_start(self)
             c = self.config  # from here on the time counts, against a time budget too
             final = self.full_val_tokens + c.val_batches * c.batch_size * c.max_context
@@ -1902,6 +1910,8 @@ class Trainer:
         if not self.run_dir.writes:
             return
         started, state = time.perf_counter(), self.state
+        samples = self.run_dir.path / "samples.txt"
+        state.samples_bytes = samples.stat().st_size if samples.exists() else 0
         save_checkpoint(self.run_dir.path / name, self.model, self.optimizer, self.config, self.tokenizer,
                         step=state.step, epoch=state.epoch, best_val_loss=state.best_val_loss,
                         training_state=state.snapshot(self.clock, self.scaler))
