@@ -1080,7 +1080,9 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
     (tmp_path / "rng" / "last.pt").write_bytes((tmp_path / "rng.pt").read_bytes())
     with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*random generator states"):
         tinyllm.Trainer(TrainingConfig(out_dir=str(tmp_path / "rng"), device="cpu"), PLAY, resume=True)
+    good = (tmp_path / "out" / "last.pt").read_bytes()
     for name, value in (("step", "two"), ("samples_bytes", -1), ("samples_bytes", [])):
+        (tmp_path / "out" / "last.pt").write_bytes(good)  # one field wrong at a time
         saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
         saved["training_state"][name] = value
         torch.save(saved, tmp_path / "out" / "last.pt")

@@ -671,7 +671,7 @@ class LossPlot(tinyllm.Callback):
         self._write(trainer)
 
     def on_stop(self, trainer: tinyllm.Trainer, reason: str) -> None:
-        if reason != "error":  # a stop every process agreed on; a signal's saves last.pt next (after this)
+        if reason != "error":  # a stop every process agreed on; after a signal, last.pt is saved next
             self._write(trainer)
 
     def _write(self, trainer: tinyllm.Trainer) -> None:
