@@ -358,7 +358,7 @@ class TrainingConfig:
         for name in self.POSITIVE:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
-                raise TinyLLMError(f"config field {name!r} must be positive, got {value!r}")
+                raise TinyLLMError(f"config field {name!r} must be positive and finite, got {value!r}")
         for name, ok, shown in [("weight_decay", 0 <= self.weight_decay < math.inf, "zero or more"),
                                 ("warmup_steps", self.warmup_steps >= 0, "zero or more"),
                                 ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
@@ -859,7 +859,7 @@ def next_token(model: TransformerModel, tokens: torch.Tensor, positions: torch.T
 def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """Raise TinyLLMError for sampling settings that `sample_next` cannot use."""
     if not (temperature > 0 and math.isfinite(temperature)):
-        raise TinyLLMError(f"temperature must be positive, got {temperature!r} "
+        raise TinyLLMError(f"temperature must be positive and finite, got {temperature!r} "
                            "(for greedy decoding use top_k 1)")
     if top_k is not None and top_k <= 0:
         raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
@@ -1064,6 +1064,9 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     except FileNotFoundError:
         raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") \
             from None
+    except IsADirectoryError:
+        raise TinyLLMError(f"checkpoint {path} is a folder; pass a checkpoint file in it, such as "
+                           f"{Path(path) / 'best.pt'}") from None
     except Exception as e:  # torch raises many types for truncated, corrupt or unsafe files
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         reason = (f"it holds a pickled {unsafe.group(1)}, which could run code, so it was not loaded"
