@@ -745,6 +745,23 @@ def test_a_run_keeps_every_steps_loss_for_the_plot_and_a_resumed_run_drops_the_s
         assert title.startswith("tiny: 2 layers x 2 heads x 32 wide, context 32\n") and "60 steps" in title
 
 
+def test_a_hand_edited_steps_csv_is_kept_aside_when_the_run_resumes(tmp_path, caplog):
+    config = tiny_config(tmp_path, max_steps=30, checkpoint_frequency=10)
+    tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[tinyllm_hooks.LossPlot(), StopAt(15)]).train()
+    out, where = tmp_path / "out", TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
+    kept = []
+    for stop_at, steps in ((22, range(16, 23)), (None, range(23, 31))):  # stopped at 15, then at 22
+        kept.append((out / "steps.csv").read_text().replace(f"\n{steps[0] - 1},", "\nabc,"))  # hand-edited
+        (out / "steps.csv").write_text(kept[-1])
+        callbacks = [tinyllm_hooks.LossPlot()] + ([StopAt(stop_at)] if stop_at else [])
+        tinyllm.Trainer(where, PLAY, quiet=True, resume=True, callbacks=callbacks).train()
+        assert [int(row["step"]) for row in csv.DictReader(open(out / "steps.csv"))] == list(steps)
+    # Each kept whole, the second beside the first.
+    assert [(out / name).read_text() for name in ("steps.csv.malformed", "steps.csv.malformed.1")] == kept
+    assert "steps.csv is malformed (not rows of step, train_loss and learning_rate), so it is kept as " \
+           "steps.csv.malformed, and a new steps.csv starts after step 15" in caplog.text
+
+
 def test_without_matplotlib_a_run_says_how_to_get_the_plot_and_finishes(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import itertools
 import json
 import math
 import os
@@ -657,9 +658,16 @@ class LossPlot(tinyllm.Callback):
         path = (trainer.run_dir.path or Path()) / STEPS_CSV
         resumed = trainer.run_dir.writes and trainer.resumed_at is not None
         if resumed and path.exists() and path.stat().st_size:
-            with contextlib.suppress(tinyllm.TinyLLMError):  # a broken file is started afresh below
+            try:
                 tinyllm.drop_metrics_after(path, trainer.resumed_at)  # the steps after last.pt come again
                 return
+            except tinyllm.TinyLLMError:  # hand-edited, say: kept as it is, and a new one started below
+                names = (f"{STEPS_CSV}.malformed" + (f".{n}" if n else "") for n in itertools.count())
+                kept = next(path.with_name(name) for name in names if not path.with_name(name).exists())
+                os.replace(path, kept)
+                logger.warning("%s is malformed (not rows of step, train_loss and learning_rate), so it is "
+                               "kept as %s, and a new %s starts after step %d", path, kept.name, STEPS_CSV,
+                               trainer.resumed_at)
         trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n")
 
     def on_step_end(self, trainer: tinyllm.Trainer) -> None:
