@@ -1011,7 +1011,7 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     assert "--seed" not in changed.stderr and "val_frequency" not in changed.stderr
 
 
-def test_cli_quantize_never_replaces_an_earlier_int8_file_unasked(trained_run, tmp_path, cli):
+def test_cli_quantize_never_replaces_an_int8_file_unasked_nor_quantizes_one_again(trained_run, tmp_path, cli):
     (tmp_path / "best.pt").write_bytes((trained_run[0] / "out" / "best.pt").read_bytes())
     assert cli("--quantize", "int8", "--checkpoint", tmp_path / "best.pt").returncode == 0
     before = (tmp_path / "best.int8.pt").read_bytes()
@@ -1019,6 +1019,11 @@ def test_cli_quantize_never_replaces_an_earlier_int8_file_unasked(trained_run, t
     assert again.returncode == 2 and "best.int8.pt already exists; pass --overwrite" in again.stderr
     assert (tmp_path / "best.int8.pt").read_bytes() == before
     assert cli("--quantize", "int8", "--checkpoint", tmp_path / "best.pt", "--overwrite").returncode == 0
+    twice = cli("--quantize", "int8", "--checkpoint", tmp_path / "best.int8.pt")
+    assert twice.returncode == 2 and twice.stderr == (
+        f"error: {tmp_path / 'best.int8.pt'} is int8-quantized already; quantize the float checkpoint it "
+        "came from\n")
+    assert not (tmp_path / "best.int8.int8.pt").exists()
 
 
 def test_cli_generation_benchmark_ignores_stop_strings_and_seeds_are_checked(trained_run, cli):

@@ -392,6 +392,9 @@ def quantize(args: argparse.Namespace) -> None:
     """Write an int8 copy of the checkpoint (weights only, no optimizer state) beside it."""
     source = checkpoint_path(args)
     checkpoint = tinyllm.load_checkpoint(source)
+    if checkpoint.model.quantization:  # quantizing it again would only copy it
+        raise tinyllm.TinyLLMError(f"{source} is {checkpoint.model.quantization}-quantized already; "
+                                   "quantize the float checkpoint it came from")
     float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.model.state_dict().values())
     tinyllm_inference.quantize_int8(checkpoint.model)
     target = source.with_suffix(".int8.pt")
