@@ -646,6 +646,15 @@ def plot_title(out_dir: Path, summary: Optional[dict]) -> str:
     return title
 
 
+def keep_aside(path: Path) -> Path:
+    """Rename `path` to the first of NAME.malformed, NAME.malformed.1, ... not yet taken; return it."""
+    for n in itertools.count():
+        kept = path.with_name(f"{path.name}.malformed" + (f".{n}" if n else ""))
+        if not kept.exists():
+            os.replace(path, kept)
+            return kept
+
+
 class LossPlot(tinyllm.Callback):
     """Keep every step's training loss and learning rate in steps.csv (read from the device once per
     validation and checkpoint, never per step) and draw loss.png at the end; without matplotlib, say
@@ -662,9 +671,7 @@ class LossPlot(tinyllm.Callback):
                 tinyllm.drop_metrics_after(path, trainer.resumed_at)  # the steps after last.pt come again
                 return
             except tinyllm.TinyLLMError:  # hand-edited, say: kept as it is, and a new one started below
-                names = (f"{STEPS_CSV}.malformed" + (f".{n}" if n else "") for n in itertools.count())
-                kept = next(path.with_name(name) for name in names if not path.with_name(name).exists())
-                os.replace(path, kept)
+                kept = keep_aside(path)
                 logger.warning("%s is malformed (not rows of step, train_loss and learning_rate), so it is "
                                "kept as %s, and a new %s starts after step %d", path, kept.name, STEPS_CSV,
                                trainer.resumed_at)
