@@ -913,6 +913,10 @@ def test_cli_threads_sets_the_thread_count_as_omp_num_threads_does(cli, tmp_path
     monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this process keeps its threads
     cli("--threads", 1, "--plot", "--out-dir", tmp_path)
     assert calls == [1] and os.environ["OMP_NUM_THREADS"] == "1"  # which MeasuredSettings leaves alone
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # two cores
+    result = cli("--threads", 9999, "--plot", "--out-dir", tmp_path)  # would stall the machine for minutes
+    assert calls == [1, 2] and os.environ["OMP_NUM_THREADS"] == "2"
+    assert "warning: --threads 9999 is more than the 2 CPU cores this process may use" in result.stderr
 
 
 def test_python_m_tinyllm_is_the_command_line(monkeypatch, capsys):
