@@ -306,6 +306,17 @@ def test_validation_holds_out_whole_documents_by_a_seeded_choice(tmp_path):
     assert report["validation"].startswith("validation: 20 file(s) given apart")
 
 
+def test_a_file_given_for_validation_is_left_out_of_the_training_folder_it_sits_in(tmp_path):
+    write_files(tmp_path / "docs", [("a.txt", "training text\n" * 20), ("val.txt", "validation text\n" * 20)])
+    val = tmp_path / "docs" / "val.txt"
+    data, report = corpus_data([tmp_path / "docs"], tmp_path, val_paths=[val])
+    assert decoded(data, data.train_ids) == "training text\n" * 20  # val.txt is not trained on
+    assert decoded(data, data.val_ids) == "validation text\n" * 20
+    assert report["read"] == f"1 file read (280 characters); 1 left out, as given for validation, e.g. {val}"
+    with pytest.raises(TinyLLMError, match=r"every file of --data .*docs is also given for validation"):
+        corpus_data([tmp_path / "docs"], tmp_path, val_paths=[tmp_path / "docs"])
+
+
 def test_memory_mapped_tokens_give_exactly_the_batches_of_the_in_memory_path(tmp_path):
     (tmp_path / "play.txt").write_text(PLAY)
     config = tiny_config(tmp_path, max_context=16, batch_size=4, lowercase=False)

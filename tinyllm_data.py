@@ -212,6 +212,7 @@ class Corpus:
         files, val_files = list_files(self.paths, self.include), list_files(self.val_paths, self.include)
         if not files:
             raise self._nothing_read(0)
+        files, left_out = self._without_validation(files, val_files)
         content = hashlib.sha256(json.dumps([FORMAT, config.lowercase, config.normalize_whitespace,
                                              config.val_fraction, config.seed]).encode())
         content_sha256(files, content)
@@ -225,8 +226,21 @@ class Corpus:
                 # The same tokens, named by the tokenizer made: runs resumed or tuned from this one find them.
                 entry.alias(cache_key(content.hexdigest(), data.tokenizer, config))
         tinyllm.check_token_counts(len(data.train_ids), len(data.val_ids), config.max_context, data.chars[1])
-        self.report = entry.report
+        self.report = {**entry.report, "read": entry.report["read"] + left_out}
         return data
+
+    def _without_validation(self, files: List[Tuple[Path, bool]],
+                            val_files: List[Tuple[Path, bool]]) -> Tuple[List[Tuple[Path, bool]], str]:
+        """The training files less those given for validation too (say a folder's val.txt), and a note
+        for the report: a model scored on text it trained on would report a loss that measures nothing."""
+        held_out = {path.resolve() for path, _ in val_files}
+        kept = [(path, named) for path, named in files if path.resolve() not in held_out]
+        if not kept:
+            raise TinyLLMError(f"every file of --data {', '.join(map(str, self.paths))} is also given for "
+                               "validation (--val-data); validate on other files, or drop --val-data")
+        left_out = [path for path, _ in files if path.resolve() in held_out]
+        return kept, (f"; {len(left_out):,} left out, as given for validation, e.g. {left_out[0]}"
+                      if left_out else "")
 
     def _nothing_read(self, skipped: int) -> TinyLLMError:
         patterns = f" matching {', '.join(self.include)}" if self.include else ""
