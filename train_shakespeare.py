@@ -568,8 +568,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if args.threads > cores:  # thousands of spinning threads would stall the whole machine for minutes
-            print(f"warning: --threads {args.threads} is more than the {cores} CPU cores this process may use, "
-                  f"and threads beyond them only wait for each other; using {cores}", file=sys.stderr)
+            print(f"warning: --threads {args.threads} is more than the {cores} CPU cores this process may "
+                  f"use, and threads beyond them only wait for each other; using {cores}", file=sys.stderr)
             args.threads = cores
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for compile workers, and so none are measured
         torch.set_num_threads(args.threads)
