@@ -448,6 +448,29 @@ def test_generate_refuses_bad_sampling_settings(options, message):
         tinyllm.generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 3, **options)
 
 
+@pytest.mark.parametrize("idx, max_new_tokens, message", [
+    (torch.zeros(1, 0, dtype=torch.long), 3, r"at least one token, as torch.long; got shape \(1, 0\)"),
+    (torch.zeros(3, dtype=torch.long), 3, r"of shape \(batch, tokens\).*got shape \(3,\)"),
+    (torch.zeros(1, 3), 3, "got shape .* of torch.float32"),
+    (torch.tensor([[1, 99]]), 3, r"outside the model's vocabulary \[0, 30\): 1 to 99"),
+    (torch.tensor([[-1, 2]]), 3, "outside the model's vocabulary"),
+    (torch.zeros(1, 2, dtype=torch.long), -1, "max_new_tokens must be zero or more, got -1")])
+def test_generate_refuses_a_prompt_it_cannot_continue_in_one_line(idx, max_new_tokens, message):
+    with pytest.raises(TinyLLMError, match=message):
+        tinyllm.generate(tiny_model(30), idx, max_new_tokens)
+    assert tinyllm.generate(tiny_model(30), torch.tensor([[29], [0]]), 0).tolist() == [[29], [0]]  # the edges
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vocab_size": 0}, "'vocab_size' must be a whole number of at least 1, got 0"),
+    ({"n_layer": 0}, "'n_layer' must be"), ({"n_embd": -4, "n_head": 2}, "'n_embd' must be"),
+    ({"max_context": 8.0}, "'max_context' must be .* got 8.0"), ({"n_head": True}, "'n_head' must be"),
+    ({"dropout": 1.0}, r"'dropout' must be in \[0, 1\), got 1.0"), ({"dropout": "0.1"}, "'dropout' must be")])
+def test_a_model_config_out_of_range_is_refused_in_one_line(fields, message):
+    with pytest.raises(TinyLLMError, match=message):
+        tinyllm.TransformerModel(tinyllm.ModelConfig(**{"vocab_size": 30, **fields}))
+
+
 def test_sample_text_prepares_the_prompt_and_is_reproducible():
     tokenizer = CharacterTokenizer().fit(prepare_text(PLAY))
     model = tiny_model(tokenizer.vocab_size)

@@ -281,6 +281,13 @@ class ModelConfig:
     token_shift: bool = True  # each token takes in a learned share of the previous token's embedding
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_context", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise TinyLLMError(f"model field {name!r} must be a whole number of at least 1, "
+                                   f"got {value!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise TinyLLMError(f"model field 'dropout' must be in [0, 1), got {self.dropout!r}")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise TinyLLMError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) into an "
                                "even head size (rotary embeddings turn pairs of features)")
@@ -867,6 +874,18 @@ def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[
         raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def check_prompt_ids(idx: torch.Tensor, vocab_size: int, max_new_tokens: int) -> None:
+    """Raise TinyLLMError for a prompt `generate_tokens` cannot continue (checked once, not each step)."""
+    if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype not in (torch.long, torch.int):
+        raise TinyLLMError(f"the prompt must be token ids of shape (batch, tokens), at least one token, as "
+                           f"torch.long; got shape {tuple(idx.shape)} of {idx.dtype}")
+    if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < vocab_size):
+        raise TinyLLMError(f"the prompt holds token ids outside the model's vocabulary [0, {vocab_size}): "
+                           f"{int(idx.min())} to {int(idx.max())}")
+    if max_new_tokens < 0:
+        raise TinyLLMError(f"max_new_tokens must be zero or more, got {max_new_tokens!r}")
+
+
 @torch.inference_mode()
 def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -884,6 +903,7 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     one (B, vocab) tensor a token, so a seed gives the same tokens whichever route runs.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    check_prompt_ids(idx, model.config.vocab_size, max_new_tokens)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     was_training, step = model.training, decode_step or functools.partial(next_token, model)
     model.eval()
