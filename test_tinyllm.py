@@ -928,6 +928,17 @@ def test_a_model_tokenizer_and_validation_text_can_be_handed_to_the_trainer():
     assert summary["full_val_bits_per_char"] == pytest.approx(summary["full_val_loss"] / math.log(2))
 
 
+def test_a_model_with_more_token_ids_than_its_tokenizer_is_refused_before_training(tmp_path):
+    tokenizer = CharacterTokenizer().fit(prepare_text(PLAY))  # its checkpoints would not load, its samples
+    model = TransformerModel(tinyllm.ModelConfig(tokenizer.vocab_size + 5, max_context=16, n_layer=1,  # fail
+                                                 n_head=2, n_embd=16))
+    n = tokenizer.vocab_size
+    with pytest.raises(TinyLLMError, match=f"the model has {n + 5} token ids but the tokenizer {n}; build "
+                                           f"it with vocab_size={n}, or pass the tokenizer it was built for"):
+        tinyllm.Trainer(tiny_config(tmp_path), PLAY, model=model, tokenizer=tokenizer, quiet=True)
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
+
+
 def test_a_tokenizer_registered_without_a_type_name_round_trips_through_a_checkpoint(tmp_path):
     @tinyllm.TOKENIZERS.register("reversed")
     class ReversedTokenizer(CharacterTokenizer):  # inherits no type_name of its own: not "char"

@@ -1722,6 +1722,10 @@ class Trainer:
         self.model = model.to(self.device)
         if self.model.config.vocab_size < self.tokenizer.vocab_size:  # fine-tuning text with new characters
             self.model.grow_vocabulary(self.tokenizer.vocab_size)
+        elif self.model.config.vocab_size > self.tokenizer.vocab_size:  # it would sample ids nothing decodes
+            ids, known = self.model.config.vocab_size, self.tokenizer.vocab_size
+            raise TinyLLMError(f"the model has {ids} token ids but the tokenizer {known}; build it with "
+                               f"vocab_size={known}, or pass the tokenizer it was built for")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 products
         self.eager_model = self.world.wrap(self.model)
