@@ -1270,6 +1270,10 @@ BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line mu
     (["--generate", "--checkpoint", "model.pt", "--prompt", "ROMEO: ¿sé?"], "never saw"),
     (["--generate", "--checkpoint", "model.pt", "--temperature", "0"], "temperature must be positive"),
     (["--data", "play.txt", "--resume"], "nothing to resume"),
+    (["--data", "play.txt", "--init-from", "model.pt", "--size", "tiny", "--max-context", "64",
+      "--overwrite"],
+     "--init-from model.pt fine-tunes its model with its tokenizer and text preparation, and these differ: "
+     "--max-context 64 (saved: 32); drop them, or train a new model without --init-from"),
     (["--batch-size", "many"], "invalid int value"),
 ]
 

@@ -497,17 +497,22 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
               f"tinyllm is {rate / reference:.2f}x that")
 
 
-def saved_config(args: argparse.Namespace) -> Optional[tinyllm.TrainingConfig]:
-    """The settings of the run in --out-dir, from its last.pt; None where there is none, or where it is
-    broken or hostile (the trainer then says what is wrong with it)."""
-    last = Path(args.out_dir or "out") / "last.pt"
-    if not last.is_file():
+def saved_config(checkpoint: Path) -> Optional[tinyllm.TrainingConfig]:
+    """The settings a checkpoint saved; None where there is none, or where it is broken or hostile
+    (the trainer then says what is wrong with it)."""
+    if not checkpoint.is_file():
         return None
     try:  # only the config: memory-mapped, the weights are not read (the trainer loads them next)
-        saved = torch.load(last, mmap=True, weights_only=True)
+        saved = torch.load(checkpoint, mmap=True, weights_only=True)
         return tinyllm.TrainingConfig.from_checkpoint(saved["config"])
     except Exception:
         return None
+
+
+def changed_settings(given: dict, saved: tinyllm.TrainingConfig) -> List[str]:
+    """Each setting in `given` that differs from the saved one, as its flag with both values."""
+    return [f"{FLAG_OF.get(field, field)} {value} (saved: {getattr(saved, field)})"
+            for field, value in given.items() if getattr(saved, field) != value]
 
 
 def check_resume_settings(args: argparse.Namespace) -> None:
@@ -518,15 +523,27 @@ def check_resume_settings(args: argparse.Namespace) -> None:
     if args.config:
         build_config(args)  # a bad file gets its usual one-line error
         given = {**tinyllm.read_json(args.config, "config"), **given}
-    saved = saved_config(args)
+    saved = saved_config(Path(args.out_dir or "out") / "last.pt")
     if not given or saved is None:  # nothing to compare, or nothing to resume (the trainer says why)
         return
-    names = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
-    changed = [f"{names.get(field, field)} {value} (saved: {getattr(saved, field)})"
-               for field, value in given.items() if getattr(saved, field) != value]
+    changed = changed_settings(given, saved)
     if changed:
         raise tinyllm.TinyLLMError(f"--resume continues a run with the settings it started with, and these "
                                    f"differ: {', '.join(changed)}; drop them, or start a new run")
+
+
+def check_fine_tuning_settings(args: argparse.Namespace, config: tinyllm.TrainingConfig) -> None:
+    """--init-from fine-tunes a checkpoint's model with its tokenizer and text preparation; a flag or
+    --config field that would change them is refused, where the trainer would ignore it."""
+    saved = saved_config(Path(config.init_from)) if config.init_from else None
+    inherited = {"model_size", "tokenizer", "vocab_size", "lowercase", "normalize_whitespace", "max_context",
+                 *tinyllm.MODEL_FIELDS}
+    changed = changed_settings({field: getattr(config, field) for field in fields_given(args) & inherited},
+                               saved) if saved else []
+    if changed:
+        raise tinyllm.TinyLLMError(f"--init-from {config.init_from} fine-tunes its model with its tokenizer "
+                                   f"and text preparation, and these differ: {', '.join(changed)}; drop "
+                                   "them, or train a new model without --init-from")
 
 
 def train(args: argparse.Namespace, world: tinyllm.World) -> None:
@@ -536,6 +553,7 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
                                         compile=args.compile)
     else:
         config = build_config(args)
+        check_fine_tuning_settings(args, config)
     device, callbacks = tinyllm.resolve_device(config.device), tinyllm_hooks.standard_callbacks(
         progress_bar=sys.stdout.isatty() and not args.quiet)
     if device.type == "cuda" and config.time_budget and not args.resume:  # a larger batch fills a GPU
