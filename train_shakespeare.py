@@ -536,10 +536,11 @@ def check_fine_tuning_settings(args: argparse.Namespace, config: tinyllm.Trainin
     """--init-from fine-tunes a checkpoint's model with its tokenizer and text preparation; a flag or
     --config field that would change them is refused, where the trainer would ignore it."""
     saved = saved_config(Path(config.init_from)) if config.init_from else None
+    if saved is None:  # no fine-tuning, or no checkpoint to compare with (the trainer says why)
+        return
     inherited = {"model_size", "tokenizer", "vocab_size", "lowercase", "normalize_whitespace", "max_context",
                  *tinyllm.MODEL_FIELDS}
-    changed = changed_settings({field: getattr(config, field) for field in fields_given(args) & inherited},
-                               saved) if saved else []
+    changed = changed_settings({field: getattr(config, field) for field in fields_given(args) & inherited}, saved)
     if changed:
         raise tinyllm.TinyLLMError(f"--init-from {config.init_from} fine-tunes its model with its tokenizer "
                                    f"and text preparation, and these differ: {', '.join(changed)}; drop "
