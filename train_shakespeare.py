@@ -540,7 +540,8 @@ def check_fine_tuning_settings(args: argparse.Namespace, config: tinyllm.Trainin
         return
     inherited = {"model_size", "tokenizer", "vocab_size", "lowercase", "normalize_whitespace", "max_context",
                  *tinyllm.MODEL_FIELDS}
-    changed = changed_settings({field: getattr(config, field) for field in fields_given(args) & inherited}, saved)
+    given = {field: getattr(config, field) for field in fields_given(args) & inherited}
+    changed = changed_settings(given, saved)
     if changed:
         raise tinyllm.TinyLLMError(f"--init-from {config.init_from} fine-tunes its model with its tokenizer "
                                    f"and text preparation, and these differ: {', '.join(changed)}; drop "
