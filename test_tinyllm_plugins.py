@@ -461,6 +461,10 @@ def test_batched_samples_are_reproducible_and_each_ends_at_its_own_stop_string()
     assert len(pieces) > 20  # streamed piece by piece, not at the end
     with pytest.raises(TinyLLMError, match="num_samples must be at least 1"):
         next(tinyllm_inference.stream_samples(model, tokenizer, "to", 5, num_samples=0))
+    too_many = 10**12  # refused before anything is allocated, where it would have been killed for memory
+    with pytest.raises(TinyLLMError, match=r"1,000,000,000,000 samples in one batch need about [\d,.]+ "
+                                           r"GiB of memory \([\d.]+ MiB each: .* ask for fewer samples"):
+        next(tinyllm_inference.stream_samples(model, tokenizer, "to", 5, num_samples=too_many))
 
 
 @pytest.fixture

@@ -1627,6 +1627,15 @@ OPTIMIZERS.register("adamw", adamw_optimizer)
 OPTIMIZERS.register("muon", muon_optimizer)
 
 
+def device_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory the device has in all (a GPU's own, else the machine's); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
 def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) -> None:
     """Refuse, before allocating, a run that cannot fit: training keeps 4 floats per weight (the weight,
     its gradient and AdamW's two moments), a step's activations for the backward pass (about 10 x
@@ -1638,13 +1647,8 @@ def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) 
     per_token = c.n_layer * (10 * c.n_embd + 3 * hidden + c.n_head * c.max_context) + 3 * vocab_size
     activations = tokens * per_token
     needed = 4 * (4 * weights + activations) + 8 * c.val_batches * c.batch_size * (c.max_context + 1)
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[1]
-    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:  # no way to ask
-        return
-    if needed > available:
+    available = device_memory(device)
+    if available is not None and needed > available:
         raise TinyLLMError(f"this run needs at least {needed / 2**30:,.1f} GiB of memory ({weights:,} "
                            f"weights, batches of {tokens:,} tokens), more than the {available / 2**30:,.1f} "
                            f"GiB of {device}; choose a smaller `batch_size`, `max_context`, model or "

@@ -97,6 +97,21 @@ class TextStream:
         return rest
 
 
+def check_generation_memory(model: tinyllm.TransformerModel, num_samples: int, device: torch.device) -> None:
+    """Refuse, before allocating, a batch of samples that cannot fit: each sample holds a KV cache
+    (keys and values of every layer, max_context positions) and, while a window is filled, about a
+    dozen activations of n_embd per position and layer, attention scores and the logits."""
+    c = model.config
+    per_position = 2 * c.n_layer * c.n_embd + 12 * c.n_embd + c.n_head * c.max_context + 3 * c.vocab_size
+    per_sample, available = 4 * c.max_context * per_position, tinyllm.device_memory(device)
+    needed, gib = num_samples * per_sample, 2**30
+    if available is not None and needed > available:
+        raise tinyllm.TinyLLMError(f"{num_samples:,} samples in one batch need about {needed / gib:,.1f} GiB "
+                                   f"of memory ({per_sample / 2**20:.1f} MiB each: a KV cache and a window's "
+                                   f"activations), more than the {available / gib:,.1f} GiB of {device}; "
+                                   "ask for fewer samples")
+
+
 def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer, prompt: str, length: int, *,
                    num_samples: int = 1, stop: Sequence[str] = (), lowercase: bool = True,
                    normalize_whitespace: bool = True, seed: Optional[int] = None,
@@ -111,6 +126,7 @@ def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer
     if num_samples < 1:
         raise tinyllm.TinyLLMError(f"num_samples must be at least 1, got {num_samples}")
     device = next(model.parameters()).device
+    check_generation_memory(model, num_samples, device)
     prompt = tinyllm.prepare_text(prompt, lowercase, normalize_whitespace)
     idx = tinyllm.encode_prompt(tokenizer, prompt, device).expand(num_samples, -1)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
