@@ -201,6 +201,12 @@ def test_config_file_that_is_not_an_object_is_refused(tmp_path):
     (tmp_path / "c.json").write_text("[1, 2]")
     with pytest.raises(TinyLLMError, match="JSON object"):
         TrainingConfig.from_json(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)  # json's decoder recurses
+    with pytest.raises(TinyLLMError, match="config file .*c.json is nested too deeply to read"):
+        TrainingConfig.from_json(tmp_path / "c.json")
+    (tmp_path / "t.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TinyLLMError, match="tokenizer file .*t.json is nested too deeply to read"):
+        tinyllm.load_tokenizer(tmp_path / "t.json")
 
 
 # ---------------------------------------------------------------------------------------------

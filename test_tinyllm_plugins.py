@@ -365,7 +365,8 @@ def test_the_token_cache_is_hit_then_invalidated_by_a_changed_file_tokenizer_or_
     assert report["tokens"].startswith("tokenized in ") and "Q" not in lowered.tokenizer.chars
     entry = tmp_path / "tokens" / report["tokens"].rsplit("/", 1)[-1]
     hand_edited = json.loads(entry.read_text()) | {"chars": ["many", 1]}
-    for damage in ('{"format": 1, "dtype": "float64"', "[]", json.dumps(hand_edited)):  # cut short, edited
+    deep = "[" * 100_000 + "]" * 100_000  # json's decoder recurses once per level
+    for damage in ('{"format": 1, "dtype": "float64"', "[]", json.dumps(hand_edited), deep):  # cut, edited
         entry.write_text(damage)
         again, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
         assert report["tokens"].startswith("tokenized in ") and again.sha256 == lowered.sha256
@@ -729,6 +730,8 @@ def test_the_peak_is_the_best_measured_on_this_chip_so_far(tmp_path, monkeypatch
     assert best == [2e12, 2e12, 3e12]
     record = tinyllm_hooks.read_measurements(tmp_path / "measurements.json")
     assert [timings["float32"] for key, timings in record.items() if key.endswith("| peak")] == [3e12]
+    (tmp_path / "measurements.json").write_text("[" * 100_000 + "]" * 100_000)  # only a cache: no record
+    assert tinyllm_hooks.read_measurements(tmp_path / "measurements.json") == {}
 
 
 def test_loss_plot_is_drawn_from_the_metrics(tmp_path):

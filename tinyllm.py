@@ -170,6 +170,8 @@ def read_json(path: PathLike, what: str) -> dict:
         raise TinyLLMError(f"{what} file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TinyLLMError(f"{what} file {path} is not valid JSON ({e})") from None
+    except RecursionError:  # json's decoder recurses once per level
+        raise TinyLLMError(f"{what} file {path} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise TinyLLMError(f"{what} file {path} must hold a JSON object, not {type(data).__name__}")
     return data

@@ -387,7 +387,7 @@ class TokenFile:
             self.report = {**meta["report"], "tokens": f"from the token cache, {self.meta_path}"}
             return tinyllm.TokenData(tokenizer, train, val, tuple(meta["chars"]), meta["val_chars"],
                                      meta["sha256"], meta["added_tokens"])
-        except (OSError, ValueError, KeyError, TypeError, TinyLLMError) as e:
+        except (OSError, ValueError, KeyError, TypeError, TinyLLMError, RecursionError) as e:
             logger.warning("token cache entry %s is damaged (%s); tokenizing again", self.meta_path,
                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
             self.files = self.key

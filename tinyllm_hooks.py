@@ -227,7 +227,7 @@ def time_training_step(trainer: tinyllm.Trainer, setting: Setting, module: Any, 
 
 def read_measurements(path: Path) -> dict:
     """The recorded timings, by machine_key; a missing or broken file (it is only a cache) is no record."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, RecursionError):
         records = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(records, dict) and all(isinstance(r, dict) and all(
                 type(v) in (int, float) and v > 0 for v in r.values()) for r in records.values()):
