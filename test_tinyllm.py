@@ -501,6 +501,23 @@ def test_full_evaluation_scores_every_validation_token_once():
 # Training, metrics and checkpoints
 
 
+def test_a_resumed_runs_metrics_lose_the_steps_it_retakes_and_a_broken_file_is_refused_untouched(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,train_loss\n10,3.0\n20,2.5\n30,2.0\n")
+    tinyllm.drop_metrics_after(path, 20)
+    assert path.read_text() == "step,train_loss\n10,3.0\n20,2.5\n"
+    for broken, message in [("step,train_loss\nten,3.0\n", "is malformed .*'ten'"),
+                            ("step,train_loss\n" + "1" * 200_000 + ",3.0\n", r"is malformed \(field larger")]:
+        path.write_text(broken)
+        with pytest.raises(TinyLLMError, match=f"metrics.csv {message}.*; move it away to resume"):
+            tinyllm.drop_metrics_after(path, 20)
+        assert path.read_text() == broken
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(TinyLLMError, match=r"cannot read .*metrics.csv \(Is a directory\); move it away"):
+        tinyllm.drop_metrics_after(path, 20)
+
+
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_training_drives_the_loss_down(tmp_path, optimizer):
     config = tiny_config(tmp_path, max_steps=60, learning_rate=1e-2, warmup_steps=5, optimizer=optimizer)

@@ -743,6 +743,13 @@ def test_loss_plot_is_drawn_from_the_metrics(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TinyLLMError, match="does not exist"):
         tinyllm_hooks.plot_losses(tmp_path / "empty")
+    (tmp_path / "metrics.csv").write_text(header + "1" * 200_000 + ",0.5,3.1,3.0,0.001,100,1\n")
+    with pytest.raises(TinyLLMError, match=r"metrics.csv is malformed \(field larger than field limit"):
+        tinyllm_hooks.plot_losses(tmp_path)
+    (tmp_path / "metrics.csv").unlink()
+    (tmp_path / "metrics.csv").mkdir()
+    with pytest.raises(TinyLLMError, match=r"cannot read .*metrics.csv \(Is a directory\)"):
+        tinyllm_hooks.plot_losses(tmp_path)
 
 
 def test_a_run_keeps_every_steps_loss_for_the_plot_and_a_resumed_run_drops_the_steps_it_retakes(tmp_path):

@@ -1031,8 +1031,10 @@ def drop_metrics_after(path: Path, step: int) -> None:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows = [row for row in reader if int(row["step"]) <= step]
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as e:
         raise TinyLLMError(f"{path} is malformed ({e}); move it away to resume") from None
+    except OSError as e:  # a folder, say
+        raise TinyLLMError(f"cannot read {path} ({e.strerror}); move it away to resume") from None
     with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=reader.fieldnames or MetricsLogger.COLUMNS, lineterminator="\n")
         writer.writeheader()
