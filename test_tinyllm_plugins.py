@@ -273,9 +273,9 @@ def test_a_folder_is_read_in_sorted_order_through_its_patterns_skipping_what_is_
     end = tinyllm_data.DOCUMENT_END
     documents = (decoded(data, data.train_ids) + decoded(data, data.val_ids)).split(end)[:-1]
     assert sorted(documents) == sorted(["def b():\n    return 2\n" * 3, "d = 4\n" * 9, "z = 1\n" * 9])
-    everything, _ = corpus_data([code, code / "z.py"], tmp_path)  # several paths: c.txt too, z.py twice
+    everything, _ = corpus_data([code, code / "z.py"], tmp_path)  # several paths: c.txt too, z.py once
     every_text = decoded(everything, everything.train_ids) + decoded(everything, everything.val_ids)
-    assert every_text.count(end) == 5
+    assert every_text.count(end) == 4 and every_text.count("z = 1\n" * 9) == 1
     with pytest.raises(TinyLLMError, match="looks binary"):  # a file named directly must be text
         corpus_data([code / "bin.py"], tmp_path)
     if Path("/dev/zero").exists():  # never read to the end, not even to hash it

@@ -22,7 +22,7 @@ import re
 import tempfile
 import time
 from pathlib import Path, PurePath
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -61,15 +61,17 @@ def _included(path: Path, root: Path, include: Sequence[str]) -> bool:
 
 def list_files(paths: Sequence[tinyllm.PathLike], include: Sequence[str] = ()) -> List[Tuple[Path, bool]]:
     """(path, named directly) for every file named, and every file under each folder named
-    (recursively, sorted by path) that `include` admits."""
-    files = []
+    (recursively, sorted by path) that `include` admits; each file once, however often it is named
+    (a copy held out for validation while another trains would make the validation loss a lie)."""
+    files: Dict[Path, Tuple[Path, bool]] = {}
     for path in map(Path, paths):
         if path.is_dir():
-            files += [(p, False) for p in sorted(path.rglob("*"))
-                      if p.is_file() and _included(p, path, include)]
+            for p in sorted(path.rglob("*")):
+                if p.is_file() and _included(p, path, include):
+                    files.setdefault(p.resolve(), (p, False))
         else:
-            files.append((path, True))
-    return files
+            files.setdefault(path.resolve(), (path, True))
+    return list(files.values())
 
 
 def read_text(path: Path) -> str:
