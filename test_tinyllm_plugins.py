@@ -1020,6 +1020,17 @@ def test_cli_refuses_to_overwrite_a_run(trained_run, cli):
     assert {p.name: p.read_bytes() for p in (tmp / "out").iterdir()} == before
 
 
+def test_cli_with_a_null_out_dir_trains_in_memory_and_says_so(tmp_path, cli, monkeypatch):
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    (tmp_path / "c.json").write_text('{"out_dir": null}')
+    monkeypatch.chdir(tmp_path)
+    result = cli("--data", "play.txt", "--size", "tiny", "--max-context", 32, "--max-steps", 3,
+                 "--config", "c.json")
+    assert result.returncode == 0, result.stderr
+    assert "; no files written (out_dir is null)\n" in result.stdout and "None" not in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.json", "play.txt"]
+
+
 def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_path, cli):
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 1.0}')

@@ -574,9 +574,10 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
                               quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
     summary = trainer.train()
     if summary and not args.quiet:
+        files = f"files in {config.out_dir}/" if config.out_dir else "no files written (out_dir is null)"
         print(f"\nfull validation loss {summary['full_val_loss']:.4f} after {summary['steps']} steps "
               f"({summary['elapsed_seconds']:.0f} s, {summary['tokens_per_second']:.0f} tokens/s); "
-              f"files in {config.out_dir}/\n\n{summary['sample']}")
+              f"{files}\n\n{summary['sample']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
