@@ -642,6 +642,14 @@ def test_learning_rate_warms_up_holds_then_decays_to_a_tenth(tmp_path):
     assert rates[100] == pytest.approx(0.03) and rates[82] == pytest.approx(0.03 + 0.97 * (18 / 90) / 0.5)
 
 
+def test_tokens_per_second_leaves_out_the_warm_up_steps_tokens_as_it_does_its_time(tmp_path):
+    one = tinyllm.Trainer(tiny_config(tmp_path, max_steps=1, out_dir=None), PLAY, quiet=True).train()
+    assert one["tokens_per_second"] == 0  # its only step was the warm-up: none was timed (not 800,000/s)
+    trainer = tinyllm.Trainer(tiny_config(tmp_path, max_steps=4, out_dir=None), PLAY, quiet=True)
+    summary = trainer.train()
+    assert trainer.clock.untimed_tokens == summary["tokens_seen"] // 4 and summary["tokens_per_second"] > 0
+
+
 def test_a_time_budget_covers_the_whole_run_and_without_epochs_is_the_stopping_rule(tmp_path):
     config = tiny_config(tmp_path, time_budget=3.0, val_frequency=50)
     summary = tinyllm.Trainer(config, PLAY[:1100], quiet=True).train()  # 3 steps an epoch: a busy machine
@@ -1138,7 +1146,8 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
     with pytest.raises(TinyLLMError, match="last.pt cannot be resumed from .*random generator states"):
         tinyllm.Trainer(TrainingConfig(out_dir=str(tmp_path / "rng"), device="cpu"), PLAY, resume=True)
     good = (tmp_path / "out" / "last.pt").read_bytes()
-    for name, value in (("step", "two"), ("samples_bytes", -1), ("samples_bytes", [])):
+    for name, value in (("step", "two"), ("samples_bytes", -1), ("samples_bytes", []),
+                        ("untimed_tokens", 2.5)):
         (tmp_path / "out" / "last.pt").write_bytes(good)  # one field wrong at a time
         saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
         saved["training_state"][name] = value

@@ -1174,6 +1174,7 @@ class RunState:
     epoch_rng_state: Optional[torch.Tensor] = None  # replayed on resume to cut the same batches
     elapsed_seconds: float = 0.0
     untimed_seconds: float = 0.0  # the first step, validation, samples and saves: not in tokens/s
+    untimed_tokens: int = 0  # the tokens of those first steps (one a run, and one a resume)
     scaler: dict = field(default_factory=dict)
     data_sha256: str = ""
     rng: dict = field(default_factory=dict)  # torch's random generators (dropout, samples)
@@ -1193,6 +1194,7 @@ class RunState:
         """The state now, with the clock, the gradient scaler and torch's random generators: tensors and
         plain data only, so last.pt loads with weights_only=True."""
         self.elapsed_seconds, self.untimed_seconds = clock.elapsed(), clock.untimed
+        self.untimed_tokens = clock.untimed_tokens
         self.scaler = scaler.state_dict()
         self.rng = {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -1211,8 +1213,8 @@ class RunState:
                   **saved.training_state}
         counts = [fields[name] for name in ("step", "epoch", "batch_in_epoch", "tokens_seen",
                                             "bad_validations")]
-        if fields.get("samples_bytes") is not None:  # None in runs saved before it was kept
-            counts.append(fields["samples_bytes"])
+        counts += [fields[name] for name in ("samples_bytes", "untimed_tokens")  # not in runs saved before
+                   if fields.get(name) is not None]
         if not all(type(count) is int and count >= 0 for count in counts):
             raise TypeError(f"step, epoch and the other counts must be whole numbers, got {counts}")
         times = [fields[name] for name in ("best_val_loss", "last_val_loss", "elapsed_seconds",
@@ -1237,6 +1239,7 @@ class RunClock:
         self.sample_tokens = sample_tokens  # the final sample's cost before one is timed, in forward tokens
         self.start = time.perf_counter() - state.elapsed_seconds  # a resumed run counts the time spent
         self.untimed, self.save_seconds = state.untimed_seconds, 0.0  # save: the latest checkpoint's
+        self.untimed_tokens = state.untimed_tokens  # trained in the untimed time: not in tokens/s either
         self.forward_rate: Optional[float] = None  # tokens/s of the latest timed validation forward passes
         self.sample_seconds: Optional[float] = None  # the latest sample's
         self.window = (self.train_seconds(), state.tokens_seen)  # training seconds and tokens, last report
@@ -1288,6 +1291,7 @@ class RunClock:
         """Keep the time since the last report out of tokens/s (a warm-up); return it."""
         seconds = self.train_seconds() - self.window[0]
         self.untimed += seconds
+        self.untimed_tokens += tokens_seen - self.window[1]
         self.window = (self.train_seconds(), tokens_seen)
         return seconds
 
@@ -1973,7 +1977,7 @@ class Trainer:
                                       max_tokens=c.full_val_tokens, seed=c.seed,
                                       progress=self.evaluation_progress)
         sample = self._sample(f"the end, from the best model (step {self.best_step})")
-        tokens_per_second = state.tokens_seen / max(train_seconds, 1e-9)
+        tokens_per_second = (state.tokens_seen - self.clock.untimed_tokens) / max(train_seconds, 1e-9)
         summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
                    "full_val_loss": full_val_loss,
                    "full_val_bits_per_char": bits_per_char(full_val_loss, len(self.val_ids), val_chars),
