@@ -193,7 +193,7 @@ def file_server(tmp_path):
     served.mkdir()
     handler = functools.partial(_QuietHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)  # shutdown waits a poll
     thread.start()
     yield served, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -1165,8 +1165,9 @@ def long_run_args(tmp_path, **changes):
 def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path, cli, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --threads sets it; put back after the test
     # Only the killed run needs a process of its own; all three use this process's thread count.
+    (tmp_path / "short_samples.json").write_text('{"sample_length": 60}')  # five samples a run: quick ones
     args = long_run_args(tmp_path, **{"--threads": torch.get_num_threads(), "--max-steps": 125,
-                                      "--sample-frequency": 30})
+                                      "--sample-frequency": 30, "--config": tmp_path / "short_samples.json"})
     whole = cli(*args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
