@@ -661,6 +661,16 @@ def measured(tmp_path, caplog):
     torch.set_num_threads(threads)
 
 
+def test_a_run_that_compiling_asked_for_took_past_its_budget_says_so(caplog):
+    settings = tinyllm_hooks.MeasuredSettings()
+    for compile, elapsed, warned in ((True, 29.3, True), (True, 4.9, False), (None, 29.3, False)):
+        caplog.clear()
+        config = TrainingConfig(time_budget=5, compile=compile)
+        settings.on_end(types.SimpleNamespace(config=config), {"elapsed_seconds": elapsed})
+        assert ("the run took 29.3 s, past its time budget of 5 s; with compiling asked for" in caplog.text) \
+            is warned
+
+
 def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pays(measured, caplog):
     seconds = {("float32", False): 0.20, ("bfloat16", False): 0.26, ("float32", True): 0.12,
                ("bfloat16", True): 0.30}

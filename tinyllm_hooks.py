@@ -295,6 +295,13 @@ class MeasuredSettings(tinyllm.Callback):
         if compiled is not None:
             trainer.train_model = EagerFallback(compiled, trainer.eager_model)
 
+    def on_end(self, trainer: tinyllm.Trainer, summary: dict) -> None:
+        budget = trainer.config.time_budget
+        if trainer.config.compile and budget and summary["elapsed_seconds"] > budget:
+            logger.warning("the run took %.1f s, past its time budget of %g s; with compiling asked for, the "
+                           "first step compiles whatever the budget (without --compile, or with compile "
+                           "None, it compiles only where that pays)", summary["elapsed_seconds"], budget)
+
     def _fastest_eager(self, trainer: tinyllm.Trainer, current: Setting) -> Setting:
         """The fastest dtype and thread count that the config leaves open, measured (or recorded)."""
         cpu, c = trainer.device.type == "cpu", trainer.config
