@@ -158,8 +158,9 @@ odd = tinyllm_shout:NOT_A_SIZE
 """
 
 
-def test_installed_plugins_add_a_tokenizer_and_a_size_and_broken_ones_only_warn(tmp_path):
-    """A distribution's metadata on sys.path is what `pip install` leaves; no install needed."""
+def test_installed_plugins_add_a_tokenizer_and_a_size_and_broken_ones_only_warn(tmp_path, cli, monkeypatch):
+    """A distribution's metadata on sys.path is what `pip install` leaves; no install needed. In this
+    process, with the registries put back afterwards."""
     site = tmp_path / "site"
     (site / "tinyllm_shout-1.0.dist-info").mkdir(parents=True)
     info = site / "tinyllm_shout-1.0.dist-info"
@@ -167,14 +168,16 @@ def test_installed_plugins_add_a_tokenizer_and_a_size_and_broken_ones_only_warn(
     (info / "entry_points.txt").write_text(PLUGIN_ENTRY_POINTS)
     (site / "tinyllm_shout.py").write_text(PLUGIN_MODULE)
     (tmp_path / "play.txt").write_text(PLAY)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    command = [sys.executable, str(SCRIPT), "--data", str(tmp_path / "play.txt"),
-               "--out-dir", str(tmp_path / "out"), "--tokenizer", "shout", "--size", "pico",
-               "--max-steps", "5", "--max-context", "16", "--quiet", "--no-compile"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    monkeypatch.syspath_prepend(str(site))
+    for registry in (tinyllm.TOKENIZERS, tinyllm.MODEL_SIZES):
+        monkeypatch.setattr(registry, "entries", dict(registry.entries))
+    with pytest.warns(UserWarning) as warned:
+        result = cli("--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--tokenizer", "shout",
+                     "--size", "pico", "--max-steps", 5, "--max-context", 16, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "tokenizer plugin 'missing' (tinyllm_shout:DoesNotExist) is ignored" in result.stderr
-    assert "model size plugin 'odd' (tinyllm_shout:NOT_A_SIZE) is ignored" in result.stderr
+    messages = " ".join(str(warning.message) for warning in warned)
+    assert "tokenizer plugin 'missing' (tinyllm_shout:DoesNotExist) is ignored" in messages
+    assert "model size plugin 'odd' (tinyllm_shout:NOT_A_SIZE) is ignored" in messages
     saved = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
     assert saved["type"] == "shout" and "R" in saved["chars"] and "r" not in saved["chars"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
