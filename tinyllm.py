@@ -1663,6 +1663,17 @@ def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) 
                            "`val_batches`")
 
 
+def match_vocabulary(model: TransformerModel, tokenizer: Tokenizer) -> None:
+    """Grow the model for the tokens a fine-tuning text added; refuse a model with more token ids than
+    the tokenizer, which would sample ids nothing decodes."""
+    ids, known = model.config.vocab_size, tokenizer.vocab_size
+    if ids < known:
+        model.grow_vocabulary(known)
+    elif ids > known:
+        raise TinyLLMError(f"the model has {ids} token ids but the tokenizer {known}; build it with "
+                           f"vocab_size={known}, or pass the tokenizer it was built for")
+
+
 def log_run_start(trainer: Trainer) -> None:
     """The first lines of a run's log: the text, the tokens, the model, the device and the batch."""
     c, m, state = trainer.config, trainer.model.config, trainer.state
@@ -1732,12 +1743,7 @@ class Trainer:
         if model is None:
             model = TransformerModel.from_config(c, self.tokenizer.vocab_size)
         self.model = model.to(self.device)
-        if self.model.config.vocab_size < self.tokenizer.vocab_size:  # fine-tuning text with new characters
-            self.model.grow_vocabulary(self.tokenizer.vocab_size)
-        elif self.model.config.vocab_size > self.tokenizer.vocab_size:  # it would sample ids nothing decodes
-            ids, known = self.model.config.vocab_size, self.tokenizer.vocab_size
-            raise TinyLLMError(f"the model has {ids} token ids but the tokenizer {known}; build it with "
-                               f"vocab_size={known}, or pass the tokenizer it was built for")
+        match_vocabulary(self.model, self.tokenizer)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 products
         self.eager_model = self.world.wrap(self.model)
