@@ -1179,8 +1179,9 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path,
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # --threads sets it; put back after the test
     # Only the killed run needs a process of its own; all three use this process's thread count.
     (tmp_path / "short_samples.json").write_text('{"sample_length": 60}')  # five samples a run: quick ones
-    args = long_run_args(tmp_path, **{"--threads": torch.get_num_threads(), "--max-steps": 125,
-                                      "--sample-frequency": 30, "--config": tmp_path / "short_samples.json"})
+    args = long_run_args(tmp_path, **{"--threads": torch.get_num_threads(), "--max-steps": 80,
+                                      "--val-frequency": 20, "--sample-frequency": 30,
+                                      "--config": tmp_path / "short_samples.json"})
     whole = cli(*args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"
@@ -1191,12 +1192,12 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path,
     process.communicate()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = tinyllm.load_checkpoint(cut / "last.pt").step
-    assert 20 <= killed_at < 125
+    assert 20 <= killed_at < 80
     resumed = cli("--resume", "--out-dir", cut, "--data", tmp_path / "play.txt", "--quiet", "--threads",
                   torch.get_num_threads())
     assert resumed.returncode == 0, resumed.stderr
     a, b = (tinyllm.load_checkpoint(d / "last.pt") for d in (tmp_path / "whole", cut))
-    assert a.step == b.step == 125, f"killed at step {killed_at}"
+    assert a.step == b.step == 80, f"killed at step {killed_at}"
     for name, tensor in a.model.state_dict().items():
         assert torch.equal(tensor, b.model.state_dict()[name]), f"{name} differs (killed at step {killed_at})"
     for key in ("full_val_loss", "best_val_loss", "final_val_loss", "steps", "tokens_seen", "sample"):
@@ -1204,9 +1205,9 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path,
             json.loads((tmp_path / "whole" / "summary.json").read_text())[key]
     rows = [[(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(open(d / "metrics.csv"))]
             for d in (tmp_path / "whole", cut)]
-    assert rows[0] == rows[1] and len(rows[0]) == 5  # no row lost or logged twice (every 25 of 125 steps)
+    assert rows[0] == rows[1] and len(rows[0]) == 4  # no row lost or logged twice (every 20 of 80 steps)
     steps = [(d / "steps.csv").read_text().splitlines() for d in (tmp_path / "whole", cut)]
-    assert steps[0] == steps[1] and len(steps[0]) == 126  # every step's loss, once, and the same
+    assert steps[0] == steps[1] and len(steps[0]) == 81  # every step's loss, once, and the same
     assert (cut / "samples.txt").read_text() == (tmp_path / "whole" / "samples.txt").read_text()
 
 
