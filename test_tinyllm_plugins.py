@@ -1287,7 +1287,7 @@ BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line mu
     (["--data", "empty.txt", "--overwrite"], "is empty"),
     (["--data", "binary.bin", "--overwrite"], "looks binary"),
     (["--data", "latin1.txt", "--overwrite"], "is not UTF-8"),
-    (["--data", "short.txt", "--overwrite"], "use more text or a smaller --max-context"),  # a flag
+    (["--data", "short.txt", "--overwrite"], "use more text, or a model with a smaller --max-context"),  # a flag
     (["--data", "out", "--include", "*.md", "--overwrite"], "no UTF-8 text files matching *.md in out"),
     (["--data", "play.txt", "--out-dir", "play.txt"], "cannot create output directory"),
     (["--data", "play.txt", "--config", "not_json.json", "--overwrite"], "not valid JSON"),

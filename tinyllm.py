@@ -478,7 +478,7 @@ def check_token_counts(train: int, val: int, context: int, chars: int) -> None:
     if val < context + 1 or train < context + 1:
         raise TinyLLMError(f"text too short: {chars:,} characters give {train:,} training and {val:,} "
                            f"validation tokens, but each needs at least max_context + 1 = {context + 1}; "
-                           "use more text or a smaller `max_context`")
+                           "use more text, or a model with a smaller `max_context`")
 
 
 def bits_per_char(loss: float, tokens: int, chars: int) -> float:
