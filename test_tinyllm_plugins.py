@@ -320,6 +320,25 @@ def test_a_file_given_for_validation_is_left_out_of_the_training_folder_it_sits_
         corpus_data([tmp_path / "docs"], tmp_path, val_paths=[tmp_path / "docs"])
 
 
+def test_a_file_with_the_same_text_as_another_is_read_once_so_no_copy_trains_on_validation_text(tmp_path):
+    texts = [f"document {i}\n" * (i + 1) for i in range(20)]
+    files = [(f"{i:02d}.txt", text) for i, text in enumerate(texts)] + [("zz_copy.txt", texts[3])]
+    write_files(tmp_path / "docs", files)
+    data, report = corpus_data([tmp_path / "docs"], tmp_path)
+    end = tinyllm_data.DOCUMENT_END
+    train, val = (decoded(data, ids).split(end)[:-1] for ids in (data.train_ids, data.val_ids))
+    assert sorted(train + val) == sorted(texts)  # the copy is not read, whichever side 03.txt went to
+    assert report["read"].endswith(f"; 1 skipped as a copy, e.g. {tmp_path / 'docs' / 'zz_copy.txt'} (the "
+                                   f"same text as {tmp_path / 'docs' / '03.txt'})")
+    (tmp_path / "val.txt").write_text(texts[5])  # a copy given for validation: out of training
+    apart, report = corpus_data([tmp_path / "docs"], tmp_path, val_paths=[tmp_path / "val.txt"])
+    assert texts[5] not in decoded(apart, apart.train_ids) and decoded(apart, apart.val_ids) == texts[5]
+    assert "; 2 skipped as copies, e.g. " in report["read"]
+    with pytest.raises(TinyLLMError, match=r"every text file of --data .*05.txt has the same text as a "
+                                           r"file of --val-data, e.g. .*05.txt as .*val.txt; validate on"):
+        corpus_data([tmp_path / "docs" / "05.txt"], tmp_path, val_paths=[tmp_path / "val.txt"])
+
+
 def test_memory_mapped_tokens_give_exactly_the_batches_of_the_in_memory_path(tmp_path):
     (tmp_path / "play.txt").write_text(PLAY)
     config = tiny_config(tmp_path, max_context=16, batch_size=4, lowercase=False)
@@ -1287,7 +1306,7 @@ BAD_INPUTS = [  # (arguments after --out-dir <earlier run>, what the one line mu
     (["--data", "empty.txt", "--overwrite"], "is empty"),
     (["--data", "binary.bin", "--overwrite"], "looks binary"),
     (["--data", "latin1.txt", "--overwrite"], "is not UTF-8"),
-    (["--data", "short.txt", "--overwrite"], "use more text, or a model with a smaller --max-context"),  # a flag
+    (["--data", "short.txt", "--overwrite"], "or a model with a smaller --max-context"),  # a flag
     (["--data", "out", "--include", "*.md", "--overwrite"], "no UTF-8 text files matching *.md in out"),
     (["--data", "play.txt", "--out-dir", "play.txt"], "cannot create output directory"),
     (["--data", "play.txt", "--config", "not_json.json", "--overwrite"], "not valid JSON"),

@@ -34,7 +34,7 @@ from tinyllm import TinyLLMError, fcntl, logger
 # ASCII's "file separator": one character, so one token of the character tokenizer, that ends every
 # document of several; the model learns where files end, and a sample may contain it.
 DOCUMENT_END = "\x1c"
-FORMAT = 1  # of the token cache's files: a new layout changes it, so old entries are never misread
+FORMAT = 2  # of the token cache's files and what they hold: a change makes old entries unread
 FIT_SAMPLE_CHARS = 4_000_000  # a tokenizer that learns merges (BPE) fits on a seeded sample this large
 ENCODE_CHARS = 1 << 20  # encoded at once: a large file never becomes one list of a billion ids
 # Pieces are cut after a newline that a non-space follows: BPE's pieces never span one.
@@ -206,6 +206,7 @@ class Corpus:
         self.cache_dir = Path(cache_dir) if cache_dir else token_cache_dir()
         self.progress = progress
         self.report: dict = {}  # what prepare() read, held out and cached, for the log and summary.json
+        self.copies: List[Tuple[Path, Path]] = []  # (a file left out, the file with the same text read first)
 
     def prepare(self, config: tinyllm.TrainingConfig,
                 tokenizer: Optional[tinyllm.Tokenizer]) -> tinyllm.TokenData:
@@ -249,9 +250,12 @@ class Corpus:
         return TinyLLMError(f"no UTF-8 text files{patterns} in {', '.join(map(str, self.paths))} "
                             f"({skipped} skipped); check --data and --include")
 
-    def _survey(self, files: List[Tuple[Path, bool]], config: tinyllm.TrainingConfig) -> tuple:
+    def _survey(self, files: List[Tuple[Path, bool]], config: tinyllm.TrainingConfig,
+                seen: Dict[str, Path]) -> tuple:
         """Read every file once: (documents, the files skipped with why, the set of characters in the
-        rest). A file found in a folder that is not UTF-8 text is skipped; one named directly must be."""
+        rest). A file found in a folder that is not UTF-8 text is skipped; one named directly must be.
+        A file with the same text as one read before (`seen`, by hash) is skipped too: a copy on each
+        side of the validation split would make the validation loss measure memory."""
         documents, skipped, chars = [], [], set()
         for path, named in files:
             try:
@@ -261,6 +265,11 @@ class Corpus:
                     raise
                 skipped.append((path, str(e).split(f"{path} ", 1)[-1].split(";")[0]))  # why, after the name
                 continue
+            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            if digest in seen:
+                self.copies.append((path, seen[digest]))
+                continue
+            seen[digest] = path
             prepared = tinyllm.prepare_text(text, config.lowercase, config.normalize_whitespace)
             chars.update(prepared)
             documents.append(Document(path, len(text), len(prepared)))
@@ -294,13 +303,18 @@ class Corpus:
                   config: tinyllm.TrainingConfig, tokenizer: Optional[tinyllm.Tokenizer],
                   entry: TokenFile) -> tinyllm.TokenData:
         """Read, preprocess and encode every document, streaming, into the cache entry's files."""
-        started = time.perf_counter()
-        documents, skipped, chars = self._survey(files, config)
-        if not documents:
-            raise self._nothing_read(len(skipped))
-        val_documents, val_skipped, val_chars = self._survey(val_files, config)
+        started, seen, self.copies = time.perf_counter(), {}, []
+        val_documents, val_skipped, val_chars = self._survey(val_files, config, seen)  # first: they stay
         if val_files and not val_documents:
             raise TinyLLMError(f"no UTF-8 text files in --val-data {', '.join(map(str, self.val_paths))}")
+        documents, skipped, chars = self._survey(files, config, seen)
+        if not documents and self.copies:
+            copy, original = self.copies[0]
+            raise TinyLLMError(f"every text file of --data {', '.join(map(str, self.paths))} has the same "
+                               f"text as a file of --val-data, e.g. {copy} as {original}; validate on other "
+                               "text, or drop --val-data")
+        if not documents:
+            raise self._nothing_read(len(skipped))
         validation = plan_segments(documents + val_documents, len(val_documents),
                                    val_fraction=config.val_fraction, seed=config.seed)
         everything = documents + val_documents
@@ -323,6 +337,10 @@ class Corpus:
         if skipped:
             read += f"; {len(skipped):,} skipped as not UTF-8 text or empty, e.g. {skipped[0][0]} " \
                     f"({skipped[0][1]})"
+        if self.copies:
+            copies = "a copy" if len(self.copies) == 1 else "copies"
+            read += f"; {len(self.copies):,} skipped as {copies}, e.g. {self.copies[0][0]} (the same text " \
+                    f"as {self.copies[0][1]})"
         given = sum(doc.raw_chars + doc.separators for doc in everything)
         return entry.finish(tokenizer, added=added, chars=(given, total),
                             val_chars=sum(doc.val_chars for doc in everything),
