@@ -320,6 +320,15 @@ def test_a_file_given_for_validation_is_left_out_of_the_training_folder_it_sits_
         corpus_data([tmp_path / "docs"], tmp_path, val_paths=[tmp_path / "docs"])
 
 
+def test_a_named_file_that_is_missing_is_refused_even_where_the_rest_are_in_the_token_cache(tmp_path):
+    (tmp_path / "a.txt").write_text(PLAY)
+    corpus_data([tmp_path / "a.txt"], tmp_path)  # now in the token cache
+    for paths, val_paths in (([tmp_path / "a.txt", tmp_path / "gone.txt"], []),
+                             ([tmp_path / "a.txt"], [tmp_path / "gone.txt"])):
+        with pytest.raises(TinyLLMError, match=r"data file .*gone.txt does not exist"):
+            corpus_data(paths, tmp_path, val_paths=val_paths)
+
+
 def test_a_file_with_the_same_text_as_another_is_read_once_so_no_copy_trains_on_validation_text(tmp_path):
     texts = [f"document {i}\n" * (i + 1) for i in range(20)]
     files = [(f"{i:02d}.txt", text) for i, text in enumerate(texts)] + [("zz_copy.txt", texts[3])]

@@ -86,16 +86,19 @@ def read_text(path: Path) -> str:
 
 
 def content_sha256(files: Sequence[Tuple[Path, bool]], digest: Any) -> None:
-    """Feed every file's length and bytes to `digest`, a megabyte at a time. What is not a regular
-    file (/dev/zero would be read forever) is left to the reading, which says what is wrong, by name."""
+    """Feed every file's length and bytes to `digest`, a megabyte at a time. What is missing, unreadable
+    or not a regular file (/dev/zero would be read forever) is fed as its name: no cache entry made
+    without it matches, so the reading that follows says what is wrong with it, by name."""
     for path, _ in files:
-        with contextlib.suppress(OSError):
+        try:
             if not path.is_file():
-                continue
+                raise OSError
             digest.update(f"{path.stat().st_size}:".encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
+        except OSError:
+            digest.update(f"not read: {path}".encode("utf-8", "surrogateescape"))
         digest.update(b"\n")
 
 
