@@ -1187,6 +1187,18 @@ def test_an_earlier_run_set_aside_by_a_killed_overwrite_is_put_back_at_the_next_
     assert not (out / ".replaced").exists()
 
 
+def test_a_run_refused_before_it_starts_leaves_no_empty_out_dir_behind(tmp_path):
+    with pytest.raises(TinyLLMError, match="text too short"):
+        tinyllm.Trainer(tiny_config(tmp_path, out_dir=str(tmp_path / "new" / "run")), "too short", quiet=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TinyLLMError, match=r"cannot create output directory .*file/run: .*file is not a dir"):
+        tinyllm.Trainer(tiny_config(tmp_path, out_dir=str(tmp_path / "file" / "run")), PLAY, quiet=True)
+    summary = tinyllm.Trainer(tiny_config(tmp_path, out_dir=str(tmp_path / "new" / "run"), max_steps=2), PLAY,
+                              quiet=True).train()  # made once the run starts
+    assert summary["steps"] == 2 and (tmp_path / "new" / "run" / "last.pt").is_file()
+
+
 @pytest.mark.parametrize("fields", [dict(batch_size=1_000_000), dict(n_embd=100_000, n_head=4),
                                     dict(val_batches=10**9)])
 def test_a_run_too_big_for_the_memory_is_refused_before_allocating_it(tmp_path, fields):

@@ -1333,10 +1333,10 @@ class RunDirectory:
                                "start a new run without `resume`")
         if self.path is None:
             return
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TinyLLMError(f"cannot create output directory {self.path}: {e.strerror}") from None
+        # Made only when the run opens, so that a run refused before (bad text, say) leaves no empty folder.
+        nearest = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        if not nearest.is_dir():
+            raise TinyLLMError(f"cannot create output directory {self.path}: {nearest} is not a directory")
         if (self.path / self.SET_ASIDE).is_dir() and self._lock():  # set aside by a run killed since
             self._put_back()
             self._unlock()
@@ -1344,7 +1344,7 @@ class RunDirectory:
         if existing and not (overwrite or resume):
             raise TinyLLMError(f"{self.path} already holds a training run ({', '.join(existing)}); pass "
                                "`resume` to continue it, another `out_dir`, or `overwrite` to replace it")
-        if not os.access(self.path, os.W_OK):
+        if not os.access(nearest, os.W_OK):
             raise TinyLLMError(f"output directory {self.path} is not writable; choose another `out_dir`")
 
     def open(self, config: TrainingConfig, tokenizer: Tokenizer, *, resumed: Optional[RunState],
@@ -1354,6 +1354,10 @@ class RunDirectory:
         self.console.setLevel(logging.WARNING if quiet else logging.INFO)
         self.handlers = [self.console if self.main else logging.NullHandler()]  # other processes: silent
         if self.writes:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TinyLLMError(f"cannot create output directory {self.path}: {e.strerror}") from None
             if not self._lock():
                 raise TinyLLMError(f"{self.path} is in use by another training run (process "
                                    f"{self.lock_holder}); wait for it to end, or choose another `out_dir`")
