@@ -1173,6 +1173,15 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint(tmp_
     assert not (tmp_path / "out" / ".replaced").exists()
 
 
+def test_overwriting_a_run_replaces_its_int8_copy_too_which_would_be_of_the_old_model(tmp_path):
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True).train()
+    (tmp_path / "out" / "best.int8.pt").write_bytes(b"the earlier model, quantized")
+    with pytest.raises(TinyLLMError, match=r"already holds a training run \(best.pt, .*, best.int8.pt\)"):
+        tinyllm.Trainer(tiny_config(tmp_path), PLAY, quiet=True)
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True, overwrite=True).train()
+    assert not (tmp_path / "out" / "best.int8.pt").exists()
+
+
 def test_an_earlier_run_set_aside_by_a_killed_overwrite_is_put_back_at_the_next_start(tmp_path):
     tinyllm.Trainer(tiny_config(tmp_path, max_steps=10), PLAY, quiet=True).train()
     out = tmp_path / "out"

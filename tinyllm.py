@@ -1310,8 +1310,9 @@ class RunDirectory:
     """The files of a run in `path`; nothing is written without a path (training in memory) or by a
     distributed run's other processes (`main=False`)."""
 
+    # The last four are plug-ins' files; an int8 copy kept beside a new run's checkpoints would be stale.
     FILES = ("best.pt", "last.pt", "tokenizer.json", "config.json", "tinyllm_training.log", "metrics.csv",
-             "samples.txt", "summary.json", "loss.png", "steps.csv")  # the last two: plug-ins
+             "samples.txt", "summary.json", "loss.png", "steps.csv", "best.int8.pt", "last.int8.pt")
     SET_ASIDE = ".replaced"  # an earlier run's files, until the run replacing it has a checkpoint
 
     def __init__(self, path: Optional[PathLike], *, main: bool = True):
