@@ -1076,18 +1076,18 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 1.0}')
     run = ["--data", tmp_path / "play.txt", "--out-dir", tmp_path / "out", "--size", "tiny",
-           "--max-context", 32, "--max-steps", 100, "--seed", 7, "--config", tmp_path / "c.json", "--quiet",
+           "--max-context", 32, "--max-steps", 40, "--seed", 7, "--config", tmp_path / "c.json", "--quiet",
            "--checkpoint-frequency", 20]
     stopped = stop_with_a_signal(start_cli(*cli_args(run)), signal.SIGTERM, tmp_path / "out")
-    assert stopped < 100
+    assert stopped < 40
     again = cli(*run, "--resume")  # the same command, resumed, with the same tokens from the cache
     assert again.returncode == 0, again.stderr
     log = (tmp_path / "out" / "tinyllm_training.log").read_text()
     assert log.count("tokens: tokenized in ") == 1 and log.count("tokens: from the token cache, ") == 1
     (tmp_path / "c.json").write_text('{"val_frequency": 10, "grad_clip": 0.5}')
-    changed = cli(*[200 if part == 100 else part for part in run], "--resume")
+    changed = cli(*[80 if part == 40 else part for part in run], "--resume")
     assert changed.returncode == 2 and len(changed.stderr.splitlines()) == 1
-    assert "--max-steps 200 (saved: 100)" in changed.stderr
+    assert "--max-steps 80 (saved: 40)" in changed.stderr
     assert "grad_clip 0.5 (saved: 1.0)" in changed.stderr
     assert "--seed" not in changed.stderr and "val_frequency" not in changed.stderr
 
@@ -1497,12 +1497,39 @@ def test_torchrun_with_more_processes_than_gpus_says_what_to_run_instead(monkeyp
         "--nproc_per_node=1), or train on the CPU with --device cpu (gloo)")
 
 
-def test_an_error_every_process_meets_is_printed_once_and_ends_the_job_with_code_2(tmp_path):
-    """Here a benchmark whose text gives no batch per process; a bad flag or size goes the same way."""
-    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+def test_when_every_process_fails_the_first_to_count_itself_prints_and_each_waits_for_the_rest(monkeypatch):
+    """Through a real key-value store, as torchrun's agent keeps one (the job end to end: the test above)."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", store.port), ("WORLD_SIZE", 2)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # this process keeps its SIGTERM handler
+    worlds = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        worlds.append(tinyllm_hooks.DistributedWorld())
+
+    def exit_now(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    assert worlds[0].first_to_fail()  # it prints the error
     started = time.monotonic()
-    result = torchrun("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32,
-                      "--batch-size", 64)
-    assert result.returncode != 0 and time.monotonic() - started < 120
-    assert result.stderr.count("the text gives no batch of 64 x 32 tokens per process") == 1
-    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # both, in torchrun's report
+    with pytest.raises(SystemExit, match="2"):  # but first gives the other a while to fail too
+        worlds[0].exit(2, wait=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert not worlds[1].first_to_fail()  # the same error, met a moment later: not printed again
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match="2"):  # every process has failed: nothing to wait for
+        worlds[1].exit(2, wait=60)
+    assert time.monotonic() - started < 5
+
+
+def test_a_benchmark_whose_text_gives_no_batch_per_process_says_so(tmp_path, cli, monkeypatch):
+    class TwoProcesses(tinyllm.World):
+        rank, size = 0, 2
+    monkeypatch.setattr(tinyllm_hooks, "world_from_environment", TwoProcesses)
+    (tmp_path / "play.txt").write_text(PLAY, encoding="utf-8")
+    result = cli("--benchmark", "--data", tmp_path / "play.txt", "--size", "tiny", "--max-context", 32,
+                 "--batch-size", 64, "--no-compile", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr == (
+        "error: the text gives no batch of 64 x 32 tokens per process; use more text or a smaller "
+        "--batch-size\n")
