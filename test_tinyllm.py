@@ -467,6 +467,29 @@ def test_generate_refuses_a_prompt_it_cannot_continue_in_one_line(idx, max_new_t
     assert tinyllm.generate(tiny_model(30), torch.tensor([[29], [0]]), 0).tolist() == [[29], [0]]  # the edges
 
 
+LONG = dict(dtype=torch.long)
+
+
+@pytest.mark.parametrize("idx, targets", [(torch.zeros(1, 3), None), (torch.zeros(3, **LONG), None),
+                                          (torch.zeros(1, 3, **LONG), torch.zeros(1, 4, **LONG))])
+def test_the_model_refuses_inputs_of_the_wrong_shape_or_type_in_one_line(idx, targets):
+    with pytest.raises(TinyLLMError, match=r"idx must be token ids of shape \(batch, tokens\), as "
+                                           r"torch.long, and targets the same shape; got \("):
+        tiny_model(30)(idx, targets)
+
+
+def test_a_tokenizer_refuses_ids_outside_its_vocabulary_and_the_trainer_text_it_cannot_read(tmp_path):
+    tokenizer = CharacterTokenizer().fit("abc")
+    assert tokenizer.decode([0, 2]) == "ac"
+    for ids in ([3], [-1, 0]):  # -1 would have counted from the end: 'c'
+        with pytest.raises(TinyLLMError, match=r"token ids outside the tokenizer's vocabulary \[0, 3\): "):
+            tokenizer.decode(ids)
+    config = tiny_config(tmp_path, out_dir=None)
+    for text, val_text in ((b"bytes", None), (PLAY, b"bytes"), (12345, None)):
+        with pytest.raises(TinyLLMError, match="the text must be a string .* or a data source"):
+            tinyllm.Trainer(config, text, val_text=val_text, quiet=True)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"vocab_size": 0}, "'vocab_size' must be a whole number of at least 1, got 0"),
     ({"n_layer": 0}, "'n_layer' must be"), ({"n_embd": -4, "n_head": 2}, "'n_embd' must be"),

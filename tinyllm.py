@@ -255,7 +255,15 @@ class CharacterTokenizer(Tokenizer):
             raise TinyLLMError(f"characters not in the tokenizer's vocabulary: {unknown!r}") from None
 
     def decode(self, ids: Sequence[int]) -> str:
+        check_token_ids(ids, len(self.chars))
         return "".join(self.chars[i] for i in ids)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """Raise TinyLLMError for ids a tokenizer cannot decode (a negative one would count from the end)."""
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise TinyLLMError(f"token ids outside the tokenizer's vocabulary [0, {vocab_size}): {outside[:5]}")
 
 
 def load_tokenizer(path: PathLike) -> Tokenizer:
@@ -591,6 +599,20 @@ def prepare_data(config: TrainingConfig, text: str, val_text: Optional[str],
                      ids_sha256(train_ids, val_ids), added)
 
 
+def token_data(config: TrainingConfig, text: Any, val_text: Optional[str],
+               tokenizer: Optional[Tokenizer]) -> TokenData:
+    """The tokens of `text` (and `val_text`) as strings, or of a data source: an object whose
+    `prepare(config, tokenizer)` returns TokenData, such as tinyllm_data.Corpus (which holds its own
+    validation text)."""
+    if isinstance(text, str) and isinstance(val_text, (str, type(None))):
+        return prepare_data(config, text, val_text, tokenizer)
+    if not hasattr(text, "prepare") or val_text is not None:
+        raise TinyLLMError(f"the text must be a string (and `val_text` one, or None) or a data source, "
+                           f"which holds its own validation text; got {type(text).__name__} and "
+                           f"{type(val_text).__name__}")
+    return text.prepare(config, tokenizer)
+
+
 def check_prompt(config: TrainingConfig, tokenizer: Tokenizer) -> None:
     """Fail now, not mid-run, if the sample prompt has characters the training text lacks."""
     try:
@@ -781,6 +803,11 @@ class TransformerModel(nn.Module):
                 cache: Optional[KVCache] = None) -> tuple:
         """Return (logits of shape (B, T, vocab), mean cross-entropy loss or None). With a `cache`,
         `idx` holds only the tokens that follow the ones already cached."""
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int) or \
+                targets is not None and targets.shape != idx.shape:
+            raise TinyLLMError(f"idx must be token ids of shape (batch, tokens), as torch.long, and targets "
+                               f"the same shape; got {tuple(idx.shape)} of {idx.dtype} and "
+                               f"{None if targets is None else tuple(targets.shape)}")
         start, T = cache.length if cache is not None else 0, idx.shape[1]
         if start + T > self.max_context:
             raise TinyLLMError(f"input has {start + T} tokens but the model's max_context is "
@@ -1732,8 +1759,7 @@ class Trainer:
         self.device = self.world.join(resolve_device(c.device))
         self.dtype, self.dtype_reason = resolve_dtype(c.dtype, self.device)
         self.autocast = autocast_context(self.device, self.dtype)  # autocast() is a new context each time
-        self.data = prepare_data(c, text, val_text, tokenizer) if isinstance(text, str) else \
-            text.prepare(c, tokenizer)  # a data source: see TokenData
+        self.data = token_data(c, text, val_text, tokenizer)
         self.tokenizer, train_ids, val_ids = self.data.tokenizer, self.data.train_ids, self.data.val_ids
         check_prompt(c, self.tokenizer)
         check_memory(c, self.tokenizer.vocab_size, self.device)

@@ -120,4 +120,5 @@ class BytePairTokenizer(tinyllm.Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
+        tinyllm.check_token_ids(ids, len(self.token_bytes))
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
