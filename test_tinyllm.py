@@ -447,8 +447,9 @@ def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
 
 @pytest.mark.parametrize("options, message", [
     (dict(temperature=0), "temperature must be positive"), (dict(temperature=-1.0), "temperature must"),
-    (dict(top_k=0), "top_k must be positive"), (dict(top_p=0.0), "top_p must be in"),
-    (dict(top_p=1.5), "top_p must be in")])
+    (dict(top_k=0), "top_k must be a positive whole number"), (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in"), (dict(temperature="hot"), "temperature must .* got 'hot'"),
+    (dict(top_k=1.5), "top_k must be a positive whole number, got 1.5"), (dict(top_p="0.9"), "top_p must")])
 def test_generate_refuses_bad_sampling_settings(options, message):
     with pytest.raises(TinyLLMError, match=message):
         tinyllm.generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 3, **options)
@@ -460,7 +461,8 @@ def test_generate_refuses_bad_sampling_settings(options, message):
     (torch.zeros(1, 3), 3, "got shape .* of torch.float32"),
     (torch.tensor([[1, 99]]), 3, r"outside the model's vocabulary \[0, 30\): 1 to 99"),
     (torch.tensor([[-1, 2]]), 3, "outside the model's vocabulary"),
-    (torch.zeros(1, 2, dtype=torch.long), -1, "max_new_tokens must be zero or more, got -1")])
+    (torch.zeros(1, 2, dtype=torch.long), -1, "max_new_tokens must be a whole number, zero or more, got -1"),
+    (torch.zeros(1, 2, dtype=torch.long), 2.5, "max_new_tokens must be a whole number, .* got 2.5")])
 def test_generate_refuses_a_prompt_it_cannot_continue_in_one_line(idx, max_new_tokens, message):
     with pytest.raises(TinyLLMError, match=message):
         tinyllm.generate(tiny_model(30), idx, max_new_tokens)
@@ -476,6 +478,12 @@ def test_the_model_refuses_inputs_of_the_wrong_shape_or_type_in_one_line(idx, ta
     with pytest.raises(TinyLLMError, match=r"idx must be token ids of shape \(batch, tokens\), as "
                                            r"torch.long, and targets the same shape; got \("):
         tiny_model(30)(idx, targets)
+
+
+def test_a_file_is_never_written_over_a_folder(tmp_path):
+    with pytest.raises(TinyLLMError, match=f"{tmp_path} is a folder; name a file to write"):
+        CharacterTokenizer().fit("abc").save_state(tmp_path)
+    assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))
 
 
 def test_a_tokenizer_refuses_ids_outside_its_vocabulary_and_the_trainer_text_it_cannot_read(tmp_path):

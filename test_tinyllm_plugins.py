@@ -329,6 +329,14 @@ def test_a_named_file_that_is_missing_is_refused_even_where_the_rest_are_in_the_
             corpus_data(paths, tmp_path, val_paths=val_paths)
 
 
+def test_one_path_given_alone_is_one_path_not_a_list_of_its_letters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where "." (one of the letters of "a.txt") would be the whole folder
+    write_files(tmp_path, [("a.txt", PLAY), ("other.txt", "other text\n" * 50), ("val.txt", PLAY[:1000])])
+    data, report = corpus_data("a.txt", tmp_path, include="*.txt", val_paths="val.txt")
+    assert report["read"] == "1 file read (4,400 characters)"
+    assert decoded(data, data.train_ids) == PLAY and decoded(data, data.val_ids) == PLAY[:1000]
+
+
 def test_a_file_with_the_same_text_as_another_is_read_once_so_no_copy_trains_on_validation_text(tmp_path):
     texts = [f"document {i}\n" * (i + 1) for i in range(20)]
     files = [(f"{i:02d}.txt", text) for i, text in enumerate(texts)] + [("zz_copy.txt", texts[3])]
@@ -474,6 +482,10 @@ def test_streaming_ends_before_a_stop_string_and_never_shows_part_of_one():
     pieces = list(tinyllm_inference.stream_text(model, tokenizer, "", 200, seed=5, stop=[stop, "not there"]))
     assert "".join(pieces) == full[:first] and len(pieces) > 10  # streamed, and nothing past the stop
     assert "".join(tinyllm_inference.stream_text(model, tokenizer, "", 200, seed=5, stop=["#"])) == full
+    alone = "".join(tinyllm_inference.stream_text(model, tokenizer, "", 200, seed=5, stop=stop))
+    assert alone == full[:first]  # one string alone is one stop string, not a stop at each of its letters
+    with pytest.raises(TinyLLMError, match=r"stop strings must be strings, got \[5\]"):
+        list(tinyllm_inference.stream_text(model, tokenizer, "", 200, stop=[5]))
     assert tinyllm.stream_text is tinyllm_inference.stream_text  # the name still imports from tinyllm
 
 

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -145,6 +146,8 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[typing.IO]:
     """Write to a temporary file beside `path`, fsync it, then rename it over `path`: a reader (or a
     crash) never sees half a file, and the old file survives any failure."""
     path = Path(path)
+    if path.is_dir():
+        raise TinyLLMError(f"{path} is a folder; name a file to write")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -894,12 +897,12 @@ def next_token(model: TransformerModel, tokens: torch.Tensor, positions: torch.T
 
 def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """Raise TinyLLMError for sampling settings that `sample_next` cannot use."""
-    if not (temperature > 0 and math.isfinite(temperature)):
+    if not (isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature)):
         raise TinyLLMError(f"temperature must be positive and finite, got {temperature!r} "
                            "(for greedy decoding use top_k 1)")
-    if top_k is not None and top_k <= 0:
-        raise TinyLLMError(f"top_k must be positive, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and top_k > 0):
+        raise TinyLLMError(f"top_k must be a positive whole number, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
@@ -911,8 +914,8 @@ def check_prompt_ids(idx: torch.Tensor, vocab_size: int, max_new_tokens: int) ->
     if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < vocab_size):
         raise TinyLLMError(f"the prompt holds token ids outside the model's vocabulary [0, {vocab_size}): "
                            f"{int(idx.min())} to {int(idx.max())}")
-    if max_new_tokens < 0:
-        raise TinyLLMError(f"max_new_tokens must be zero or more, got {max_new_tokens!r}")
+    if not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 0):
+        raise TinyLLMError(f"max_new_tokens must be a whole number, zero or more, got {max_new_tokens!r}")
 
 
 @torch.inference_mode()

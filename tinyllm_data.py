@@ -203,9 +203,12 @@ class Corpus:
     def __init__(self, paths: Sequence[tinyllm.PathLike], *, include: Sequence[str] = (),
                  val_paths: Sequence[tinyllm.PathLike] = (), cache_dir: Optional[tinyllm.PathLike] = None,
                  progress: bool = True):
+        # One path given alone is one path, not a sequence of one-letter names ("." among them).
+        paths, include, val_paths = ([given] if isinstance(given, (str, os.PathLike)) else list(given or ())
+                                     for given in (paths, include, val_paths))
         if not paths:
             raise TinyLLMError("a Corpus needs at least one file or folder")
-        self.paths, self.include, self.val_paths = list(paths), list(include), list(val_paths)
+        self.paths, self.include, self.val_paths = paths, include, val_paths
         self.cache_dir = Path(cache_dir) if cache_dir else token_cache_dir()
         self.progress = progress
         self.report: dict = {}  # what prepare() read, held out and cached, for the log and summary.json

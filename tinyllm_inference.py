@@ -68,6 +68,9 @@ class TextStream:
     back, and so are the bytes of a character not yet complete; `done` once a stop string appears."""
 
     def __init__(self, tokenizer: tinyllm.Tokenizer, stop: Sequence[str] = ()):
+        stop = [stop] if isinstance(stop, str) else list(stop)  # one string is one stop, not its letters
+        if not all(isinstance(s, str) for s in stop):
+            raise tinyllm.TinyLLMError(f"stop strings must be strings, got {stop!r}")
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.pending: List[int] = []  # tokens not yet whole characters
         self.held = ""  # text that may start a stop string
