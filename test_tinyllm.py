@@ -845,6 +845,18 @@ def test_unsafe_or_broken_checkpoints_are_refused(tmp_path):
         tinyllm.load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_checkpoint_asked_onto_a_device_that_is_not_here_blames_the_device_not_the_file(tmp_path):
+    tokenizer = CharacterTokenizer([chr(65 + i) for i in range(30)])
+    tinyllm.save_checkpoint(tmp_path / "m.pt", tiny_model(30), None, tiny_config(tmp_path), tokenizer)
+    with pytest.raises(TinyLLMError, match=r"unknown device 'gpu'; choose one of: auto, cpu, cuda, mps"):
+        tinyllm.load_checkpoint(tmp_path / "m.pt", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TinyLLMError, match="`device` cuda was asked for but PyTorch cannot see one here"):
+            tinyllm.load_checkpoint(tmp_path / "m.pt", device="cuda")
+    loaded = tinyllm.load_checkpoint(tmp_path / "m.pt", device=torch.device("cpu"))
+    assert loaded.model.config.vocab_size == 30 and loaded.tokenizer.decode([29]) == "^"
+
+
 class StopAt(tinyllm.Callback):
     """Asks the trainer to stop after `step` (0: before the first step), as a signal handler would."""
 

@@ -1113,8 +1113,11 @@ def save_checkpoint(path: PathLike, model: TransformerModel,
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
     """Load a checkpoint safely (weights_only: no pickled code runs) and rebuild model and tokenizer."""
+    if str(device).split(":")[0] not in DEVICES:  # checked first: the file is not to blame
+        raise TinyLLMError(f"unknown device {str(device)!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+    device = resolve_device(str(device))
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # moved to `device` once checked
     except FileNotFoundError:
         raise TinyLLMError(f"checkpoint {path} does not exist; train a model first or pass its path") \
             from None
