@@ -271,7 +271,7 @@ class Corpus:
                     raise
                 skipped.append((path, str(e).split(f"{path} ", 1)[-1].split(";")[0]))  # why, after the name
                 continue
-            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            digest = hashlib.sha256(text.encode()).hexdigest()
             if digest in seen:
                 self.copies.append((path, seen[digest]))
                 continue
