@@ -218,7 +218,7 @@ def test_download_checks_the_sha256(file_server, tmp_path):
     assert list(bad_target.parent.iterdir()) == []  # no file, not even a temporary one
 
 
-def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path, monkeypatch):
+def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path, monkeypatch, capsys):
     served, url = file_server
     (served / "input.txt").write_text(PLAY)
     monkeypatch.setattr(train_shakespeare, "SHAKESPEARE_URL", f"{url}/input.txt")
@@ -230,6 +230,12 @@ def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path
     assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]
     (served / "input.txt").unlink()  # a second call must not touch the network
     assert train_shakespeare.shakespeare_file(path).read_text() == PLAY
+    assert capsys.readouterr().err == f"downloading Tiny Shakespeare to {path} ...\n"
+    path.write_text(PLAY[:1000])  # cut short: used as it is, never deleted, but said
+    assert train_shakespeare.shakespeare_file(path).read_text() == PLAY[:1000]
+    assert capsys.readouterr().err == (
+        f"warning: {path} is not the Tiny Shakespeare this program downloads (its sha256 differs: cut short "
+        "or edited?); training on it as it is; delete it to download it again\n")
 
 
 def test_download_failure_says_where_to_put_the_file(file_server, tmp_path):

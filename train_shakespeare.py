@@ -223,12 +223,17 @@ def download(url: str, path: Path, sha256: str, timeout: float = 30.0) -> Path:
 
 
 def shakespeare_file(path: Path) -> Path:
-    """The default data's file: the local copy, or downloaded and verified once."""
+    """The default data's file: the local copy, or downloaded and verified once. A local copy is checked
+    too (1 MB, a few ms): one cut short or edited is used as it is, but not passed off as the real one."""
     for partial in path.parent.glob(f".{path.name}.*.tmp"):  # a download killed midway
         partial.unlink()
     if not path.exists():
         print(f"downloading Tiny Shakespeare to {path} ...", file=sys.stderr)
         download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
+    elif path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != SHAKESPEARE_SHA256:
+        print(f"warning: {path} is not the Tiny Shakespeare this program downloads (its sha256 differs: "
+              "cut short or edited?); training on it as it is; delete it to download it again",
+              file=sys.stderr)
     return path
 
 
