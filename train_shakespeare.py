@@ -237,9 +237,11 @@ def shakespeare_file(path: Path) -> Path:
     return path
 
 
-def corpus(args: argparse.Namespace) -> tinyllm_data.Corpus:
-    """--data (or Tiny Shakespeare), --include and --val-data as a data source for the Trainer."""
-    return tinyllm_data.Corpus(args.data or [shakespeare_file(DEFAULT_DATA)], include=args.include,
+def corpus(args: argparse.Namespace, *, default_ready: bool = False) -> tinyllm_data.Corpus:
+    """--data (or Tiny Shakespeare: fetched or checked here unless `default_ready`), --include and
+    --val-data as a data source for the Trainer."""
+    default = DEFAULT_DATA if default_ready or args.data else shakespeare_file(DEFAULT_DATA)
+    return tinyllm_data.Corpus(args.data or [default], include=args.include,
                                val_paths=args.val_data or (),
                                cache_dir=args.token_cache, progress=not args.quiet)
 
@@ -573,7 +575,7 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
     if world.rank == 0 and not args.data:
         shakespeare_file(DEFAULT_DATA)
     world.barrier()
-    data = corpus(args)
+    data = corpus(args, default_ready=True)
     callbacks.insert(0, tinyllm_data.DataReport(data))
     trainer = tinyllm.Trainer(config, data, callbacks=callbacks, world=world,
                               quiet=args.quiet, overwrite=args.overwrite, resume=args.resume)
