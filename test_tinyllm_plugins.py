@@ -218,7 +218,7 @@ def test_download_checks_the_sha256(file_server, tmp_path):
     assert list(bad_target.parent.iterdir()) == []  # no file, not even a temporary one
 
 
-def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path, monkeypatch, capsys):
+def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path, monkeypatch, capsys, cli):
     served, url = file_server
     (served / "input.txt").write_text(PLAY)
     monkeypatch.setattr(train_shakespeare, "SHAKESPEARE_URL", f"{url}/input.txt")
@@ -236,6 +236,10 @@ def test_default_data_is_downloaded_once_then_read_locally(file_server, tmp_path
     assert capsys.readouterr().err == (
         f"warning: {path} is not the Tiny Shakespeare this program downloads (its sha256 differs: cut short "
         "or edited?); training on it as it is; delete it to download it again\n")
+    monkeypatch.setattr(train_shakespeare, "DEFAULT_DATA", path)  # a training run checks it once
+    result = cli("--size", "tiny", "--max-context", 32, "--max-steps", 1, "--out-dir", tmp_path / "out",
+                 "--no-compile", "--device", "cpu", "--quiet")
+    assert result.returncode == 0 and result.stderr.count("is not the Tiny Shakespeare") == 1, result.stderr
 
 
 def test_download_failure_says_where_to_put_the_file(file_server, tmp_path):
