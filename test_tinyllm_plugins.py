@@ -1114,6 +1114,19 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     assert "--seed" not in changed.stderr and "val_frequency" not in changed.stderr
 
 
+def test_training_flags_given_to_a_use_of_a_trained_model_are_named_as_ignored(trained_run, cli):
+    out = trained_run[0] / "out"
+    result = cli("--generate", "--out-dir", out, "--num-chars", 5, "--no-compile", "--seed", 1,
+                 "--batch-size", 5, "--max-context", 64)
+    assert result.returncode == 0 and result.stderr.splitlines()[0] == (
+        "warning: --max-context, --batch-size do not apply to --generate, which trains nothing; ignored")
+    result = cli("--plot", "--out-dir", out, "--resume")
+    assert result.returncode == 0 and result.stderr == (
+        "warning: --resume does not apply to --plot, which trains nothing; ignored\n")
+    result = cli("--generate", "--out-dir", out, "--num-chars", 5, "--no-compile", "--seed", 1)
+    assert result.returncode == 0 and "warning" not in result.stderr  # --seed seeds the samples
+
+
 def test_cli_quantize_never_replaces_an_int8_file_unasked_nor_quantizes_one_again(trained_run, tmp_path, cli):
     (tmp_path / "best.pt").write_bytes((trained_run[0] / "out" / "best.pt").read_bytes())
     assert cli("--quantize", "int8", "--checkpoint", tmp_path / "best.pt").returncode == 0

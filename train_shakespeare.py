@@ -587,9 +587,26 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
               f"{files}\n\n{summary['sample']}")
 
 
+# The model and training flags, which set up a training run: the other uses take no part of them.
+TRAINING_ONLY = ("size", "n_layer", "n_head", "n_embd", "dropout", "max_context", "init_from", "epochs",
+                 "max_steps", "time_budget", "batch_size", "learning_rate", "optimizer", "config", "resume")
+
+
+def warn_of_flags_not_applying(args: argparse.Namespace) -> None:
+    """Say which training flags --generate, --evaluate, --quantize or --plot leaves aside, rather than
+    pass over them as if they had done something."""
+    mode = next((name for name in ("generate", "evaluate", "quantize", "plot") if getattr(args, name)), None)
+    unused = [f"--{name.replace('_', '-')}" for name in TRAINING_ONLY
+              if getattr(args, name) not in (None, False)]
+    if mode and unused:
+        print(f"warning: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --{mode}, "
+              "which trains nothing; ignored", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     load_installed_plugins()  # before the flags, whose help lists the tokenizers and sizes
     args = parse_args(argv)
+    warn_of_flags_not_applying(args)
     if args.threads is not None:
         if args.threads < 1:
             print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
