@@ -389,9 +389,7 @@ class TrainingConfig:
         self.model_config(1)  # checks the head size
         if self.out_dir == "":
             raise TinyLLMError("config field 'out_dir' must name a directory (or be null), got ''")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise TinyLLMError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)} "
-                               "(or cuda:N)")
+        check_device_name(self.device)
         if self.dtype not in DTYPES:
             raise TinyLLMError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         tokenizer = TOKENIZERS[self.tokenizer]  # an unknown name raises TinyLLMError listing the known ones
@@ -1113,9 +1111,7 @@ def save_checkpoint(path: PathLike, model: TransformerModel,
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
     """Load a checkpoint safely (weights_only: no pickled code runs) and rebuild model and tokenizer."""
-    if str(device).split(":")[0] not in DEVICES:  # checked first: the file is not to blame
-        raise TinyLLMError(f"unknown device {str(device)!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
-    device = resolve_device(str(device))
+    device = resolve_device(str(device))  # checked first: the file is not to blame
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # moved to `device` once checked
     except FileNotFoundError:
@@ -1506,8 +1502,15 @@ class World:
     def barrier(self) -> None: pass
 
 
+def check_device_name(name: str) -> None:
+    """Raise TinyLLMError unless `name` is a device tinyllm knows (whether this machine has it or not)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise TinyLLMError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    check_device_name(name)
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")

@@ -240,8 +240,8 @@ def shakespeare_file(path: Path) -> Path:
 def corpus(args: argparse.Namespace, *, default_ready: bool = False) -> tinyllm_data.Corpus:
     """--data (or Tiny Shakespeare: fetched or checked here unless `default_ready`), --include and
     --val-data as a data source for the Trainer."""
-    default = DEFAULT_DATA if default_ready or args.data else shakespeare_file(DEFAULT_DATA)
-    return tinyllm_data.Corpus(args.data or [default], include=args.include,
+    paths = args.data or [DEFAULT_DATA if default_ready else shakespeare_file(DEFAULT_DATA)]
+    return tinyllm_data.Corpus(paths, include=args.include,
                                val_paths=args.val_data or (),
                                cache_dir=args.token_cache, progress=not args.quiet)
 
