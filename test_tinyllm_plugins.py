@@ -573,6 +573,17 @@ def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_libra
     assert step.module is not step.eager and library.read_text() == "3"
 
 
+def test_each_batch_size_has_a_library_of_its_own(fake_aoti, tmp_path):
+    # A library is built for one batch size; loading one built for another aborted the process.
+    model = tiny_model()
+    step = tinyllm_inference.compile_decode_step(model, tmp_path)
+    for batch in (2, 3, 2):
+        idx = torch.randint(11, (batch, 4))
+        assert torch.equal(tinyllm.generate(model, idx, 5, top_k=1, decode_step=step),
+                           tinyllm.generate(model, idx, 5, top_k=1))
+    assert len(fake_aoti) == 2 and len(list(tmp_path.glob("decode-*.pt2"))) == 2
+
+
 def test_a_library_holds_the_one_token_step_and_the_refill_and_a_prompt_runs_eager(fake_aoti, tmp_path):
     model, idx = tiny_model(), torch.randint(11, (1, 5))  # max_context 16: a jump refills 8 tokens
     step, sampling = tinyllm_inference.compile_decode_step(model, tmp_path), {"top_k": 1}

@@ -310,9 +310,10 @@ class PackagedDecodeStep:
 
     def path(self, batch_size: int, sampling: dict) -> Path:
         """Where the library for `batch_size` and `sampling` lies, once built."""
+        # The batch size is in the code (a library run with another one aborts the process), so in the name.
         programs = {length: self.options(batch_size, length) for length in self.lengths}
         name = hashlib.sha256(f"{torch.__version__} {tinyllm_hooks.chip_name(torch.device('cpu'))} "
-                              f"{self.model.config} {self.model.quantization} {programs} "
+                              f"{self.model.config} {self.model.quantization} batch {batch_size} {programs} "
                               f"{sorted(sampling.items())} {self.weights_hash}".encode()).hexdigest()[:24]
         return self.folder / f"decode-{name}.pt2"
 
