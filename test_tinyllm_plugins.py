@@ -1125,7 +1125,7 @@ def test_cli_resume_accepts_the_runs_own_settings_and_names_real_changes(tmp_pat
     assert "--seed" not in changed.stderr and "val_frequency" not in changed.stderr
 
 
-def test_training_flags_given_to_a_use_of_a_trained_model_are_named_as_ignored(trained_run, cli):
+def test_flags_that_the_chosen_use_does_not_read_are_named_as_ignored(trained_run, cli, tmp_path):
     out = trained_run[0] / "out"
     result = cli("--generate", "--out-dir", out, "--num-chars", 5, "--no-compile", "--seed", 1,
                  "--batch-size", 5, "--max-context", 64)
@@ -1136,6 +1136,16 @@ def test_training_flags_given_to_a_use_of_a_trained_model_are_named_as_ignored(t
         "warning: --resume does not apply to --plot, which trains nothing; ignored\n")
     result = cli("--generate", "--out-dir", out, "--num-chars", 5, "--no-compile", "--seed", 1)
     assert result.returncode == 0 and "warning" not in result.stderr  # --seed seeds the samples
+    result = cli("--generate", "--out-dir", out, "--num-chars", 5, "--no-compile", "--dtype", "bfloat16",
+                 "--lowercase", "--data", tmp_path / "x.txt")  # the checkpoint's dtype and preparation
+    assert result.returncode == 0 and result.stderr.splitlines()[0] == (
+        "warning: --data, --lowercase, --dtype do not apply to --generate, which trains nothing; ignored")
+    result = cli("--evaluate", "--out-dir", out, "--data", trained_run[0] / "play.txt", "--seed", 3)
+    assert result.returncode == 0 and result.stderr.splitlines()[0] == (
+        "warning: --seed does not apply to --evaluate, which trains nothing; ignored")
+    result = cli("--data", tmp_path / "missing.txt", "--top-k", 5, "--prompt", "ROMEO:")
+    assert result.returncode == 2 and result.stderr.splitlines()[0] == (
+        "warning: --prompt, --top-k do not apply to training; ignored")
 
 
 def test_cli_quantize_never_replaces_an_int8_file_unasked_nor_quantizes_one_again(trained_run, tmp_path, cli):

@@ -27,7 +27,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 from statistics import median
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -587,26 +587,37 @@ def train(args: argparse.Namespace, world: tinyllm.World) -> None:
               f"{files}\n\n{summary['sample']}")
 
 
-# The model and training flags, which set up a training run: the other uses take no part of them.
-TRAINING_ONLY = ("size", "n_layer", "n_head", "n_embd", "dropout", "max_context", "init_from", "epochs",
-                 "max_steps", "time_budget", "batch_size", "learning_rate", "optimizer", "config", "resume")
+# The flags each use of a trained model reads (argparse's names), besides those of where and how to run
+# (RUN_FLAGS, which scripts pass to every use); training reads every flag but NOT_FOR_TRAINING. A flag
+# given to a use that does not read it is named in a warning.
+RUN_FLAGS = {"out_dir", "device", "compile", "threads", "quiet"}
+READ_BY = {
+    "plot": {"plot"},
+    "generate": {"generate", "checkpoint", "quantize", "benchmark", "prompt",
+                 "num_chars", "num_samples", "temperature", "top_k", "top_p", "stop", "seed"},
+    "evaluate": {"evaluate", "checkpoint", "quantize", "data", "include", "val_data", "token_cache"},
+    "quantize": {"quantize", "checkpoint", "overwrite"},
+}
+NOT_FOR_TRAINING = {"checkpoint", "prompt", "num_chars", "num_samples", "top_k", "top_p", "stop"}
 
 
-def warn_of_flags_not_applying(args: argparse.Namespace) -> None:
-    """Say which training flags --generate, --evaluate, --quantize or --plot leaves aside, rather than
-    pass over them as if they had done something."""
-    mode = next((name for name in ("generate", "evaluate", "quantize", "plot") if getattr(args, name)), None)
-    unused = [f"--{name.replace('_', '-')}" for name in TRAINING_ONLY
-              if getattr(args, name) not in (None, False)]
-    if mode and unused:
-        print(f"warning: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to --{mode}, "
-              "which trains nothing; ignored", file=sys.stderr)
+def warn_of_flags_not_applying(args: argparse.Namespace, given: Sequence[str]) -> None:
+    """Say which of the flags `given` the chosen use leaves aside, rather than pass over them as if they
+    had done something: say, --dtype or --lowercase with --generate, or --top-k with training."""
+    mode = next((name for name in READ_BY if getattr(args, name)), None)  # in run()'s order
+    unused = [f"--{name.replace('_', '-')}" for name in given if name not in RUN_FLAGS
+              and (name not in READ_BY[mode] if mode else name in NOT_FOR_TRAINING)]
+    if unused:
+        use = f"--{mode}, which trains nothing" if mode else "training"
+        print(f"warning: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {use}; "
+              "ignored", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     load_installed_plugins()  # before the flags, whose help lists the tokenizers and sizes
     args = parse_args(argv)
-    warn_of_flags_not_applying(args)
+    defaults = vars(parse_args([]))
+    warn_of_flags_not_applying(args, [name for name, value in vars(args).items() if value != defaults[name]])
     if args.threads is not None:
         if args.threads < 1:
             print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
