@@ -446,10 +446,11 @@ def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(temperature=0), "temperature must be positive"), (dict(temperature=-1.0), "temperature must"),
-    (dict(top_k=0), "top_k must be a positive whole number"), (dict(top_p=0.0), "top_p must be in"),
-    (dict(top_p=1.5), "top_p must be in"), (dict(temperature="hot"), "temperature must .* got 'hot'"),
-    (dict(top_k=1.5), "top_k must be a positive whole number, got 1.5"), (dict(top_p="0.9"), "top_p must")])
+    (dict(temperature=0), "`temperature` must be positive"), (dict(temperature=-1.0), "`temperature` must"),
+    (dict(top_k=0), "`top_k` must be a positive whole number"), (dict(top_p=0.0), "`top_p` must be in"),
+    (dict(top_p=1.5), "`top_p` must be in"), (dict(temperature="hot"), "`temperature` must .* got 'hot'"),
+    (dict(top_k=1.5), "`top_k` must be a positive whole number, got 1.5"),
+    (dict(top_p="0.9"), "`top_p` must")])
 def test_generate_refuses_bad_sampling_settings(options, message):
     with pytest.raises(TinyLLMError, match=message):
         tinyllm.generate(tiny_model(), torch.zeros(1, 1, dtype=torch.long), 3, **options)

@@ -896,12 +896,12 @@ def next_token(model: TransformerModel, tokens: torch.Tensor, positions: torch.T
 def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """Raise TinyLLMError for sampling settings that `sample_next` cannot use."""
     if not (isinstance(temperature, numbers.Real) and temperature > 0 and math.isfinite(temperature)):
-        raise TinyLLMError(f"temperature must be positive and finite, got {temperature!r} "
-                           "(for greedy decoding use top_k 1)")
+        raise TinyLLMError(f"`temperature` must be positive and finite, got {temperature!r} "
+                           "(for greedy decoding use `top_k` 1)")
     if top_k is not None and not (isinstance(top_k, numbers.Integral) and top_k > 0):
-        raise TinyLLMError(f"top_k must be a positive whole number, got {top_k!r}")
+        raise TinyLLMError(f"`top_k` must be a positive whole number, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise TinyLLMError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise TinyLLMError(f"`top_p` must be in (0, 1], got {top_p!r}")
 
 
 def check_prompt_ids(idx: torch.Tensor, vocab_size: int, max_new_tokens: int) -> None:

@@ -53,7 +53,7 @@ CONFIG_FLAGS = {name: name for name in (
 CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
 # The library names a setting as `field` in its messages; here each becomes its flag.
 FLAG_OF = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
-FLAG_OF.update(text="--data", resume="--resume", overwrite="--overwrite")
+FLAG_OF.update(text="--data", resume="--resume", overwrite="--overwrite", top_k="--top-k", top_p="--top-p")
 
 
 def in_flags(message: str) -> str:
