@@ -562,8 +562,9 @@ def test_a_compiled_one_token_step_on_a_cpu_gives_the_eager_tokens_and_its_libra
     step = tinyllm_inference.compile_decode_step(model, tmp_path)  # as in the next run: loaded, not built
     assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 2
     assert sorted(p.name[:7] for p in tmp_path.iterdir()) == ["decode-"] * 2  # no partial builds left
-    with torch.no_grad():  # other weights, another library
+    with torch.no_grad():  # other weights, another library, also for a step made before (it held the old)
         model.lm_head.weight.mul_(2)
+    assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 3
     step = tinyllm_inference.compile_decode_step(model, tmp_path)
     assert torch.equal(tokens(step, top_k=1), tokens(top_k=1)) and len(fake_aoti) == 3
     library = step.module.path(3, tinyllm_inference.with_defaults({"top_k": 1}))

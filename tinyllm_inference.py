@@ -271,20 +271,33 @@ class PackagedDecodeStep:
     def __init__(self, model: tinyllm.TransformerModel, folder: tinyllm.PathLike):
         self.model, self.folder = model, Path(folder)
         self.lengths = sorted({1, model.window_after_jump})  # the token counts it has programs for
-        digest = hashlib.sha256()
-        for name, tensor in model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        self.weights_hash = digest.hexdigest()
+        self.weights_hash, self.weights_seen = "", ()  # set by read_weights
         self.runners: dict = {}  # (batch size, sampling) -> the library's programs by token count
         self.cache_tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # listed once a cache
+        self.read_weights()
+
+    def weights_state(self) -> tuple:
+        """Which tensors the model holds and how often each was changed in place (an optimizer's step
+        changes them all): cheap, so it is checked once a generation."""
+        return tuple((id(t), 0 if t.is_inference() else t._version)  # inference tensors count no changes
+                     for t in self.model.state_dict(keep_vars=True).values())
+
+    def read_weights(self) -> None:
+        """Hash the model's weights, which name its libraries; the programs loaded before are dropped."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.weights_hash, self.weights_seen, self.runners = digest.hexdigest(), self.weights_state(), {}
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: tinyllm.KVCache,
                  race: torch.Tensor, **sampling: Any) -> torch.Tensor:
         batch_size, length = tokens.shape
         if length not in self.lengths:  # a prompt: once a generation
             return tinyllm.next_token(self.model, tokens, positions, cache, race, **sampling)
-        if cache not in self.cache_tensors:
+        if cache not in self.cache_tensors:  # a new generation: the library must hold today's weights
+            if self.weights_state() != self.weights_seen:  # trained on since: another library
+                self.read_weights()
             self.cache_tensors[cache] = list(cache.buffers())
         # The loader's own run, without the tree of arguments that the library's __call__ parses each
         # time (it costs half as much as the step itself). It reads each tensor as if laid out in order:
