@@ -736,6 +736,20 @@ def test_a_run_that_compiling_asked_for_took_past_its_budget_says_so(caplog):
             is warned
 
 
+def test_two_cpus_of_one_name_with_other_instruction_sets_are_told_apart(tmp_path):
+    # Timings and compiled libraries are kept by chip: one built with AVX-512 would crash an AVX2 chip.
+    for name, text in (("avx2", "flags\t\t: fpu avx2\n"), ("avx512", "flags\t\t: fpu avx2 avx512f\n")):
+        (tmp_path / name).write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\n{text}processor\t: 1\n"
+                                     f"model name\t: Other\nflags\t\t: fpu\n")
+    avx2, avx512 = (tinyllm_hooks.cpu_name(tmp_path / name) for name in ("avx2", "avx512"))
+    assert avx2.startswith("AMD EPYC (instruction sets ") and avx512.startswith("AMD EPYC (")
+    assert avx2 != avx512
+    assert tinyllm_hooks.cpu_name(tmp_path / "avx2") == avx2  # the same chip, the same name
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert tinyllm_hooks.cpu_name(tmp_path / "arm").endswith(")")
+    assert tinyllm_hooks.cpu_name(tmp_path / "missing")  # not Linux: the platform's name, without a digest
+
+
 def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pays(measured, caplog):
     seconds = {("float32", False): 0.20, ("bfloat16", False): 0.26, ("float32", True): 0.12,
                ("bfloat16", True): 0.30}

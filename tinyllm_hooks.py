@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import hashlib
 import itertools
 import json
 import math
@@ -244,14 +245,21 @@ def write_measurements(path: Path, key: str, timings: dict) -> None:
             json.dump(records, f, indent=1)
 
 
-def cpu_name() -> str:
-    """The CPU's model name, as lscpu shows it."""
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, as lscpu shows it, and a digest of its instruction sets: machines of one
+    name (a cloud's "AMD EPYC") differ in them, and code compiled for one (-march=native) can crash
+    the other, as a timing made on one misleads on the other."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        lines = cpuinfo.read_text().splitlines()
     except OSError:  # not Linux
         lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "cpu"
+    fields: dict = {}  # the first processor's
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "cpu"
+    flags = fields.get("flags") or fields.get("Features")  # x86 / ARM
+    return f"{name} (instruction sets {hashlib.sha256(flags.encode()).hexdigest()[:8]})" if flags else name
 
 
 def chip_name(device: torch.device) -> str:
