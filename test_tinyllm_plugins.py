@@ -771,6 +771,8 @@ def test_auto_trains_in_the_fastest_measured_dtype_and_compiles_only_where_it_pa
     assert "torch.compile off: 0.1500 s per step against 0.1000 eager" in caplog.text
     trainer, calls = measured(seconds, time_budget=200.0, dropout=0.1)  # dropout: measured afresh
     assert any(call.startswith("float32 eager") for call in calls)
+    trainer, calls = measured(seconds, time_budget=200.0, optimizer="adamw")  # a cheaper step: afresh
+    assert any(call.startswith("float32 eager") for call in calls)
 
 
 def test_a_compiled_step_once_measured_slower_is_timed_again_in_a_long_enough_run(measured, caplog):
