@@ -33,8 +33,10 @@ PLAY = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
 def tiny_model(vocab_size=11, max_context=16, n_layer=2, n_head=2, n_embd=16, seed=0):
     torch.manual_seed(seed)
     model = TransformerModel(vocab_size, max_context, n_layer, n_head, n_embd).eval()
-    with torch.no_grad():  # a trained model's token shift: a new model's zeros would hide its mistakes
+    with torch.no_grad():  # a trained model's token shift and gates: a new model's zeros would hide mistakes
         model.token_shift.uniform_(-1, 1)
+        for block in model.blocks:
+            block.attn.gate.weight.normal_(0, 1)
     return model
 
 
@@ -910,20 +912,22 @@ def test_a_run_that_crashed_resumes_to_the_same_samples_without_repeating_any(tm
     assert samples.count("=== step 30 ===") == 1 and samples.count("\n=== ") == 4  # 10, 20, 30, 40, the end
 
 
-def test_a_run_saved_before_the_token_shift_existed_resumes_without_one(tmp_path):
+@pytest.mark.parametrize("field", ["token_shift", "attention_gate"])
+def test_a_run_saved_before_the_token_shift_or_the_gates_existed_resumes_without_them(tmp_path, field):
     config = tiny_config(tmp_path, max_steps=20, checkpoint_frequency=10)
-    shape = dataclasses.replace(config.model_config(len(set(prepare_text(PLAY)))), token_shift=False)
+    shape = dataclasses.replace(config.model_config(len(set(prepare_text(PLAY)))), **{field: False})
     old_model = TransformerModel(shape)
     tinyllm.Trainer(config, PLAY, model=old_model, quiet=True, callbacks=[StopAt(10)]).train()
     path = tmp_path / "out" / "last.pt"
     state = torch.load(path, weights_only=True)
-    del state["model_args"]["token_shift"]  # as such a file has it
+    del state["model_args"][field]  # as such a file has it
     torch.save(state, path)
     old = tinyllm.load_checkpoint(path).model
-    assert old.token_shift is None and "token_shift" not in old.state_dict()
+    names = {"token_shift": "token_shift", "attention_gate": "blocks.0.attn.gate.weight"}
+    assert getattr(old.config, field) is False and names[field] not in old.state_dict()
     resumed = tinyllm.Trainer(TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu"), PLAY,
                               resume=True, quiet=True)
-    assert resumed.model.token_shift is None and resumed.train()["steps"] == 20
+    assert getattr(resumed.model.config, field) is False and resumed.train()["steps"] == 20
 
 
 def test_a_loss_that_becomes_nan_stops_the_run_and_spares_the_checkpoints(tmp_path, monkeypatch):
