@@ -676,7 +676,7 @@ class CausalSelfAttention(nn.Module):
             else:  # eager, the fused kernel is faster than these four operations
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if self.gate is not None:  # (B, T, heads) -> (B, heads, T, 1), as y is laid out
-            y = y * 2 * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)
+            y = y * (2 * torch.sigmoid(self.gate(x))).transpose(1, 2).unsqueeze(-1)  # x2 on the small one
         return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

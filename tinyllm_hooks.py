@@ -245,6 +245,7 @@ def write_measurements(path: Path, key: str, timings: dict) -> None:
             json.dump(records, f, indent=1)
 
 
+@functools.lru_cache(maxsize=None)  # asked for by every record and library name; the chip does not change
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name, as lscpu shows it, and a digest of its instruction sets: machines of one
     name (a cloud's "AMD EPYC") differ in them, and code compiled for one (-march=native) can crash
