@@ -392,7 +392,7 @@ def test_one_static_cache_serves_the_whole_generation_and_every_step_of_it_goes_
     model, calls = tiny_model(), []  # max_context 16: the window jumps to the newest 8 tokens
 
     def step(tokens, positions, cache, race, **sampling):
-        calls.append((tokens.shape[1], positions.tolist(), tuple(cache.keys1.shape), id(cache)))
+        calls.append((tokens.shape[1], positions.tolist(), tuple(cache.keys[1].shape), id(cache)))
         assert race.shape == (2, 11) and sampling == {"temperature": 1.0, "top_k": 1, "top_p": None}
         return tinyllm.next_token(model, tokens, positions, cache, race, **sampling)
     idx = torch.randint(11, (2, 5))
@@ -413,6 +413,19 @@ def test_sampling_with_a_seed_is_reproducible_with_or_without_the_cache():
     runs = [tinyllm.generate(model, idx, 50, temperature=1.5, top_p=0.9, use_cache=use_cache,
                              generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
     assert torch.equal(*runs)
+
+
+def test_tokens_come_in_growing_blocks_and_a_seed_gives_the_same_first_tokens_however_many_are_asked():
+    model, idx = tiny_model(), torch.zeros(2, 3, dtype=torch.long)
+    blocks = list(tinyllm.generate_blocks(model, idx, 40, generator=torch.Generator().manual_seed(3)))
+    assert [tuple(block.shape) for block in blocks] == [(2, n) for n in (1, 2, 4, 8, 16, 9)]
+    longer = torch.cat(blocks, dim=1)
+    for count in (1, 5, 23):  # each ends inside a block
+        shorter = tinyllm.generate(model, idx, count, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(shorter[:, 3:], longer[:, :count])
+    tokens = list(tinyllm.generate_tokens(model, idx, 7, generator=torch.Generator().manual_seed(3)))
+    assert [tuple(t.shape) for t in tokens] == 7 * [(2, 1)]
+    assert torch.equal(torch.cat(tokens, dim=1), longer[:, :7])
 
 
 def test_top_k_and_top_p_sample_only_from_the_allowed_tokens():

@@ -48,9 +48,9 @@ __all__ = [  # the last seven live in plug-in modules and are imported from ther
     "Tokenizer", "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text",
     "load_text", "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches",
     "TransformerModel", "KVCache", "sample_next", "next_token", "check_sampling", "generate",
-    "generate_tokens", "encode_prompt", "sample_text", "scored_tokens", "evaluate_full", "MetricsLogger",
-    "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock", "RunDirectory", "Callback",
-    "World", "Muon", "Trainer",
+    "generate_tokens", "generate_blocks", "encode_prompt", "sample_text", "scored_tokens", "evaluate_full",
+    "MetricsLogger", "Checkpoint", "save_checkpoint", "load_checkpoint", "RunState", "RunClock",
+    "RunDirectory", "Callback", "World", "Muon", "Trainer",
     "BytePairTokenizer", "stream_text", "Int8Linear", "quantize_int8", "plot_losses", "TrainingInterrupted"]
 PLUGIN_NAMES = {"BytePairTokenizer": "tinyllm_bpe", "merge_pair": "tinyllm_bpe",
                 "stream_text": "tinyllm_inference", "Int8Linear": "tinyllm_inference",
@@ -713,33 +713,32 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Every layer's keys and values for the tokens seen so far, so generating a token costs one
     position instead of the whole context. It is static, as in gpt-fast: room for max_context
     positions is allocated up front and written in place, so every one-token step has the same
-    shapes, and a compiled step (tinyllm_inference) runs them all without recompiling."""
+    shapes, and a compiled step (tinyllm_inference) runs them all without recompiling. A plain
+    object, not a Module: setting `length` on a Module costs as much as a tenth of a compiled step."""
 
     def __init__(self, model: TransformerModel, batch_size: int = 1,
                  tensors: Optional[Sequence[torch.Tensor]] = None):
-        """Zeros, or the given `tensors` (keys and values, layer by layer), as a compiled step gets them."""
-        super().__init__()
+        """Zeros, or the given `tensors` (in the order of `self.tensors`), as a compiled step gets them."""
         c, weight = model.config, model.token_embedding.weight
         shape = (batch_size, c.n_head, c.max_context, c.n_embd // c.n_head)
-        given = iter(tensors) if tensors is not None else None
-        for layer in range(c.n_layer):  # a tensor each, which a compiled step can write in place
-            for kind in ("keys", "values"):
-                self.register_buffer(f"{kind}{layer}", next(given) if given else weight.new_zeros(shape))
-        # The latest token's embedding, which the next token's token shift takes in.
-        self.register_buffer("previous", next(given) if given else weight.new_zeros(batch_size, 1, c.n_embd))
+        # Keys and values layer by layer, then the latest token's embedding (the next token's token
+        # shift takes it in): the arguments of a compiled step, listed once.
+        self.tensors = list(tensors) if tensors is not None else [
+            *(weight.new_zeros(shape) for _ in range(2 * c.n_layer)),
+            weight.new_zeros(batch_size, 1, c.n_embd)]
+        self.keys, self.values, self.previous = self.tensors[0:-1:2], self.tensors[1:-1:2], self.tensors[-1]
         self.length = 0  # positions filled; whoever runs the model advances it
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """Write the keys and values of `positions`; return all max_context slots (the attention
         masks the ones not yet written)."""
-        keys, values = getattr(self, f"keys{layer}"), getattr(self, f"values{layer}")
-        keys.index_copy_(2, positions, k)
-        values.index_copy_(2, positions, v)
-        return keys, values
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        return self.keys[layer], self.values[layer]
 
 
 class TransformerModel(nn.Module):
@@ -789,7 +788,7 @@ class TransformerModel(nn.Module):
 
     @property
     def window_after_jump(self) -> int:
-        """The newest tokens that generation keeps when its window is full and jumps (generate_tokens)."""
+        """The newest tokens that generation keeps when its window is full and jumps (generate_blocks)."""
         return self.max_context // 2 or 1
 
     def grow_vocabulary(self, vocab_size: int) -> None:
@@ -863,7 +862,7 @@ class TransformerModel(nn.Module):
         return x + self.token_shift * previous
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
-        """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_tokens`."""
+        """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_blocks`."""
         return generate(self, idx, max_new_tokens, **sampling)
 
 
@@ -915,7 +914,7 @@ def check_sampling(*, temperature: float, top_k: Optional[int], top_p: Optional[
 
 
 def check_prompt_ids(idx: torch.Tensor, vocab_size: int, max_new_tokens: int) -> None:
-    """Raise TinyLLMError for a prompt `generate_tokens` cannot continue (checked once, not each step)."""
+    """Raise TinyLLMError for a prompt `generate_blocks` cannot continue (checked once, not each step)."""
     if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype not in (torch.long, torch.int):
         raise TinyLLMError(f"the prompt must be token ids of shape (batch, tokens), at least one token, as "
                            f"torch.long; got shape {tuple(idx.shape)} of {idx.dtype}")
@@ -926,12 +925,52 @@ def check_prompt_ids(idx: torch.Tensor, vocab_size: int, max_new_tokens: int) ->
         raise TinyLLMError(f"max_new_tokens must be a whole number, zero or more, got {max_new_tokens!r}")
 
 
-@torch.inference_mode()
-def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
+class Generation:
+    """One generation between its blocks of tokens: the window of tokens the model sees, the cache,
+    and the tokens the cache has not seen yet."""
+
+    def __init__(self, model: TransformerModel, idx: torch.Tensor, *, use_cache: bool,
+                 decode_step: Optional[Callable], generator: Optional[torch.Generator], sampling: dict):
+        self.model, self.generator, self.sampling = model, generator, sampling
+        self.step = decode_step or functools.partial(next_token, model)
+        self.cache = KVCache(model, idx.shape[0]) if use_cache else None
+        self.window = self.new = idx[:, -model.max_context:]  # new: the tokens the cache has not seen yet
+        self.since_window: List[torch.Tensor] = []  # tokens made since `window` was last extended
+
+    @torch.inference_mode()
+    def block(self, draws: int, count: int) -> torch.Tensor:
+        """The next `count` tokens (B, count), drawn with the first `count` of `draws` random draws."""
+        races = torch.empty(draws, self.new.shape[0], self.model.config.vocab_size, device=self.new.device,
+                            dtype=torch.float32).exponential_(generator=self.generator)
+        return torch.cat([self.next_token(race) for race in races[:count]], dim=1)
+
+    def next_token(self, race: torch.Tensor) -> torch.Tensor:
+        model, cache = self.model, self.cache
+        if self.window.shape[1] + len(self.since_window) > model.max_context:  # the window jumps
+            self.window = self.new = torch.cat([self.window, *self.since_window], dim=1)[
+                :, -model.window_after_jump:]
+            self.since_window = []
+            if cache is not None:  # filled again; its old slots stay, masked until they are written again
+                cache.length = 0
+        if cache is None:
+            self.window, self.since_window = torch.cat([self.window, *self.since_window], dim=1), []
+            next_id = sample_next(model(self.window)[0][:, -1], race=race, **self.sampling)
+        else:  # the tokens the cache has not seen: a whole window when one starts, then one a step
+            positions = torch.arange(cache.length, cache.length + self.new.shape[1], device=race.device)
+            next_id = self.step(self.new, positions, cache, race, **self.sampling)
+            cache.length += self.new.shape[1]
+        self.since_window.append(next_id)
+        self.new = next_id
+        return next_id
+
+
+def generate_blocks(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     generator: Optional[torch.Generator] = None, use_cache: bool = True,
                     decode_step: Optional[Callable] = None) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` sampled tokens, each of shape (B, 1), continuing each row of `idx` (B, T).
+    """Yield `max_new_tokens` sampled tokens continuing each row of `idx` (B, T), in blocks (B, n) of
+    1, 2, 4, 8 and then 16 tokens: the first comes at once, and later ones share the cost of entering
+    inference mode and of drawing random numbers (a token at a time, a tenth of a compiled step's time).
 
     The context window holds at most max_context tokens. When it is full, it jumps forward: the
     newest max_context // 2 tokens are kept and the cache is filled again from them in one pass (a
@@ -940,39 +979,35 @@ def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
     give the same tokens and the cache makes each step cost one position. Each step of the cache, the
     window's first fill as each token after it, calls `decode_step(tokens, positions, cache, race,
     **sampling)`: `next_token`, or a compiled one (tinyllm_inference). The random draws are made here,
-    one (B, vocab) tensor a token, so a seed gives the same tokens whichever route runs.
+    a (B, vocab) tensor a token and a whole block's at once, so a seed gives the same tokens whichever
+    route runs and however many are asked for.
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     check_prompt_ids(idx, model.config.vocab_size, max_new_tokens)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    was_training, step = model.training, decode_step or functools.partial(next_token, model)
+    generation = Generation(model, idx, use_cache=use_cache, decode_step=decode_step, generator=generator,
+                            sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p))
+    was_training, made, size = model.training, 0, 1
     model.eval()
-    cache = KVCache(model, idx.shape[0]) if use_cache else None
-    draws = dict(size=(idx.shape[0], model.config.vocab_size), device=idx.device, dtype=torch.float32)
     try:
-        context = new = idx[:, -model.max_context:]  # new: the tokens the cache has not seen yet
-        for _ in range(max_new_tokens):
-            if context.shape[1] > model.max_context:  # the window jumps; the cache is filled again
-                context = new = context[:, -model.window_after_jump:]
-                if cache is not None:  # its old slots stay, masked until they are written again
-                    cache.length = 0
-            race = torch.empty(**draws).exponential_(generator=generator)
-            if cache is None:
-                next_id = sample_next(model(context)[0][:, -1], race=race, **sampling)
-            else:  # the tokens the cache has not seen: a whole window when one starts, then one a step
-                positions = torch.arange(cache.length, cache.length + new.shape[1], device=idx.device)
-                next_id = step(new, positions, cache, race, **sampling)
-                cache.length += new.shape[1]
-            yield next_id
-            context, new = torch.cat([context, next_id], dim=1), next_id
+        while made < max_new_tokens:
+            block = generation.block(size, min(size, max_new_tokens - made))
+            yield block
+            made, size = made + block.shape[1], min(2 * size, 16)
     finally:  # also when the caller stops early, e.g. at a stop string
         model.train(was_training)
 
 
+def generate_tokens(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int,
+                    **options: Any) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` sampled tokens, each of shape (B, 1); options: `generate_blocks`."""
+    for block in generate_blocks(model, idx, max_new_tokens, **options):
+        yield from block.split(1, dim=1)
+
+
 def generate(model: TransformerModel, idx: torch.Tensor, max_new_tokens: int,
              **sampling: Any) -> torch.Tensor:
-    """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_tokens`."""
-    return torch.cat([idx, *generate_tokens(model, idx, max_new_tokens, **sampling)], dim=1)
+    """`idx` (B, T) with `max_new_tokens` sampled tokens appended; options: `generate_blocks`."""
+    return torch.cat([idx, *generate_blocks(model, idx, max_new_tokens, **sampling)], dim=1)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str,
@@ -992,7 +1027,7 @@ def sample_text(model: TransformerModel, tokenizer: Tokenizer, prompt: str, leng
                 lowercase: bool = True, normalize_whitespace: bool = True, seed: Optional[int] = None,
                 **sampling: Any) -> str:
     """The prompt, preprocessed like the training text, followed by `length` sampled tokens, decoded.
-    `seed` makes it reproducible; `sampling`: see `generate_tokens`."""
+    `seed` makes it reproducible; `sampling`: see `generate_blocks`."""
     prompt, device = prepare_text(prompt, lowercase, normalize_whitespace), next(model.parameters()).device
     idx = encode_prompt(tokenizer, prompt, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None

@@ -124,7 +124,7 @@ def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer
 
     The prompt gets the training text's preprocessing (see `tinyllm.sample_text`). Each sample ends
     before its first `stop` string, which is not yielded; the batch ends when every sample has. The
-    same seed and number of samples give the same samples. `sampling`: see `tinyllm.generate_tokens`.
+    same seed and number of samples give the same samples. `sampling`: see `tinyllm.generate_blocks`.
     """
     if num_samples < 1:
         raise tinyllm.TinyLLMError(f"num_samples must be at least 1, got {num_samples}")
@@ -134,13 +134,14 @@ def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer
     idx = tinyllm.encode_prompt(tokenizer, prompt, device).expand(num_samples, -1)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     streams = [TextStream(tokenizer, stop) for _ in range(num_samples)]
-    for next_ids in tinyllm.generate_tokens(model, idx, length, generator=generator, **sampling):
-        for number, (stream, token) in enumerate(zip(streams, next_ids[:, 0].tolist())):
-            piece = stream.add(token)
-            if piece:
-                yield number, piece
-        if all(stream.done for stream in streams):
-            return
+    for block in tinyllm.generate_blocks(model, idx, length, generator=generator, **sampling):
+        for tokens in zip(*block.tolist()):  # a position's tokens, one per sample
+            for number, (stream, token) in enumerate(zip(streams, tokens)):
+                piece = stream.add(token)
+                if piece:
+                    yield number, piece
+            if all(stream.done for stream in streams):
+                return
     for number, stream in enumerate(streams):
         rest = stream.flush()
         if rest:
@@ -185,8 +186,8 @@ def generation_key(model: tinyllm.TransformerModel, batch_size: int) -> str:
 
 
 def with_defaults(sampling: dict) -> dict:
-    """`sampling` with `tinyllm.generate_tokens`' defaults, as it passes them to a one-token step."""
-    defaults = inspect.signature(tinyllm.generate_tokens).parameters
+    """`sampling` with `tinyllm.generate_blocks`' defaults, as it passes them to a one-token step."""
+    defaults = inspect.signature(tinyllm.generate_blocks).parameters
     return {name: sampling.get(name, defaults[name].default) for name in ("temperature", "top_k", "top_p")}
 
 
@@ -234,7 +235,7 @@ def with_static_cache(compiled: Callable, eager: Callable) -> Callable:
         if tokens.shape[1] > 1:
             return eager(tokens, positions, cache, race, **sampling)
         if cache not in marked:
-            for tensor in cache.buffers():
+            for tensor in cache.tensors:
                 torch._dynamo.mark_static_address(tensor, guard=False)
             marked.add(cache)
         return compiled(tokens, positions, cache, race, **sampling)
@@ -273,7 +274,8 @@ class PackagedDecodeStep:
         self.lengths = sorted({1, model.window_after_jump})  # the token counts it has programs for
         self.weights_hash, self.weights_seen = "", ()  # set by read_weights
         self.runners: dict = {}  # (batch size, sampling) -> the library's programs by token count
-        self.cache_tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # listed once a cache
+        # The latest cache (a weak reference), its sampling and its programs: what a generation's steps use.
+        self.current: tuple = (lambda: None, {}, {})
         self.read_weights()
 
     def weights_state(self) -> tuple:
@@ -292,18 +294,19 @@ class PackagedDecodeStep:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: tinyllm.KVCache,
                  race: torch.Tensor, **sampling: Any) -> torch.Tensor:
-        batch_size, length = tokens.shape
-        if length not in self.lengths:  # a prompt: once a generation
-            return tinyllm.next_token(self.model, tokens, positions, cache, race, **sampling)
-        if cache not in self.cache_tensors:  # a new generation: the library must hold today's weights
-            if self.weights_state() != self.weights_seen:  # trained on since: another library
+        cache_seen, sampling_seen, programs = self.current
+        if cache is not cache_seen() or sampling != sampling_seen:  # a new generation
+            if self.weights_state() != self.weights_seen:  # trained on since: the library must hold today's
                 self.read_weights()
-            self.cache_tensors[cache] = list(cache.buffers())
+            programs = self.programs(tokens.shape[0], sampling)
+            self.current = weakref.ref(cache), sampling, programs
+        if tokens.shape[1] not in programs:  # a prompt: once a generation
+            return tinyllm.next_token(self.model, tokens, positions, cache, race, **sampling)
         # The loader's own run, without the tree of arguments that the library's __call__ parses each
         # time (it costs half as much as the step itself). It reads each tensor as if laid out in order:
         # a window cut from a batch's longer one, or a prompt expanded to a batch, is copied first.
-        program = self.programs(batch_size, sampling)[length]
-        return program.loader.boxed_run([tokens.contiguous(), positions, race, *self.cache_tensors[cache]])[0]
+        return programs[tokens.shape[1]].loader.boxed_run([tokens.contiguous(), positions, race,
+                                                           *cache.tensors])[0]
 
     def programs(self, batch_size: int, sampling: dict) -> dict:
         """The library's programs for `batch_size` and `sampling`, by token count; loaded once."""
@@ -361,7 +364,7 @@ class PackagedDecodeStep:
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.13's export warns of its own internals
             for length in self.lengths:
                 inputs = (torch.zeros(batch_size, length, dtype=torch.long), torch.arange(length),
-                          torch.ones(batch_size, self.model.config.vocab_size), *cache.buffers())
+                          torch.ones(batch_size, self.model.config.vocab_size), *cache.tensors)
                 program = torch.export.export(ExportedStep(self.model, sampling), inputs)
                 files[f"tokens{length}"] = torch._inductor.aot_compile(
                     program.module(check_guards=False), inputs, options=self.options(batch_size, length))
