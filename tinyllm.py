@@ -718,7 +718,7 @@ class KVCache:
     position instead of the whole context. It is static, as in gpt-fast: room for max_context
     positions is allocated up front and written in place, so every one-token step has the same
     shapes, and a compiled step (tinyllm_inference) runs them all without recompiling. A plain
-    object, not a Module: setting `length` on a Module costs as much as a tenth of a compiled step."""
+    object, not a Module: a Module's `length` took 3 microseconds to set, 3% of a compiled step."""
 
     def __init__(self, model: TransformerModel, batch_size: int = 1,
                  tensors: Optional[Sequence[torch.Tensor]] = None):
