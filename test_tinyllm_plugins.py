@@ -533,16 +533,16 @@ def fake_aoti(monkeypatch, tmp_path):
         built.append(programs)
         Path(path).write_text(str(len(built) - 1))
 
-    def load_package(path, name):
+    def load_program(path, name):
         module = built[int(Path(path).read_text())][name][0]
 
         def boxed_run(inputs):
             assert all(tensor.is_contiguous() for tensor in inputs)  # the library reads them as laid out
             return [module(*inputs)]
-        return types.SimpleNamespace(loader=types.SimpleNamespace(boxed_run=boxed_run))
+        return types.SimpleNamespace(boxed_run=boxed_run)
     monkeypatch.setattr(torch._inductor, "aot_compile", lambda module, inputs, options: (module, inputs))
     monkeypatch.setattr(package, "package_aoti", package_aoti)
-    monkeypatch.setattr(package, "load_package", load_package)
+    monkeypatch.setattr(tinyllm_inference, "load_program", load_program)
     monkeypatch.setattr(tinyllm_inference, "DECODE_PACKAGES", tmp_path / "decode")
     yield built
 
@@ -591,8 +591,8 @@ def test_a_library_holds_the_one_token_step_and_the_refill_and_a_prompt_runs_eag
     programs = step.module.programs(1, tinyllm_inference.with_defaults(sampling))
     runs = collections.Counter()
     for length, program in programs.items():  # count each program's runs
-        run = program.loader.boxed_run
-        program.loader.boxed_run = lambda inputs, run=run, length=length: runs.update([length]) or run(inputs)
+        run = program.boxed_run
+        program.boxed_run = lambda inputs, run=run, length=length: runs.update([length]) or run(inputs)
     assert torch.equal(tinyllm.generate(model, idx, 30, decode_step=step, **sampling),
                        tinyllm.generate(model, idx, 30, **sampling))
     assert len(fake_aoti) == 1 and set(fake_aoti[0]) == {"tokens1", "tokens8"}
@@ -619,7 +619,7 @@ def test_the_one_token_step_is_compiled_only_where_the_time_it_saves_exceeds_its
         tmp_path, caplog, fake_aoti):
     model, record = tiny_model(), tmp_path / "measurements.json"
     timings = {"eager": 1e-3, "compiled": 2e-4, "compile seconds": 10.0, "warm compile seconds": 2.0,
-               "load seconds": 0.1}
+               "library load seconds": 0.1}
     tinyllm_inference.record_decode_timings(model, 1, timings, record)
     choose = functools.partial(tinyllm_inference.choose_decode_step, model, record_path=record, top_k=None)
     caplog.set_level("INFO", logger="tinyllm")
