@@ -942,13 +942,14 @@ class Generation:
         """The next `count` tokens (B, count), drawn with the first `count` of `draws` random draws."""
         races = torch.empty(draws, self.new.shape[0], self.model.config.vocab_size, device=self.new.device,
                             dtype=torch.float32).exponential_(generator=self.generator)
-        return torch.cat([self.next_token(race) for race in races[:count]], dim=1)
+        return torch.cat([self.one_token(race) for race in races[:count]], dim=1)
 
-    def next_token(self, race: torch.Tensor) -> torch.Tensor:
+    def one_token(self, race: torch.Tensor) -> torch.Tensor:
+        """The next token (B, 1), drawn with `race`; first the window jumps, if it is full."""
         model, cache = self.model, self.cache
         if self.window.shape[1] + len(self.since_window) > model.max_context:  # the window jumps
-            self.window = self.new = torch.cat([self.window, *self.since_window], dim=1)[
-                :, -model.window_after_jump:]
+            joined = torch.cat([self.window, *self.since_window], dim=1)
+            self.window = self.new = joined[:, -model.window_after_jump:]
             self.since_window = []
             if cache is not None:  # filled again; its old slots stay, masked until they are written again
                 cache.length = 0
