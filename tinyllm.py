@@ -43,7 +43,7 @@ try:
 except ImportError:
     fcntl = None
 
-__all__ = [  # the last seven live in plug-in modules and are imported from there on first use
+__all__ = [  # the last six live in plug-in modules and are imported from there on first use
     "TinyLLMError", "Registry", "TOKENIZERS", "MODEL_SIZES", "QUANTIZATIONS", "OPTIMIZERS", "atomic_write",
     "Tokenizer", "CharacterTokenizer", "load_tokenizer", "ModelConfig", "TrainingConfig", "prepare_text",
     "load_text", "split_train_val", "bits_per_char", "TokenWindows", "epoch_loader", "fixed_batches",
