@@ -1054,7 +1054,10 @@ def test_cli_generation_benchmark_times_a_compiled_step(trained_run, cli, fake_a
     assert result.returncode == 0, result.stderr
     assert "batch 2, 10 tokens each" in result.stdout and "cached, compiled" in result.stdout
     assert "compiled is" in result.stdout and "the compiled step was ready after" in result.stdout
-    assert len(fake_aoti) == 1  # built once, then loaded twice
+    assert len(fake_aoti) == 1  # built once, then loaded twice, and the load's time recorded for `auto`
+    model = tinyllm.load_checkpoint(trained_run[0] / "out" / "best.pt").model
+    assert {"eager", "compiled", "compile seconds", "library load seconds"} <= set(
+        tinyllm_inference.recorded_decode_timings(model, 2))
 
 
 def test_ctrl_c_while_generating_ends_quietly_with_exit_code_130(trained_run):
