@@ -104,6 +104,12 @@ def default(field: str) -> str:
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_flags in (data_flags, model_flags, training_flags, output_flags, device_flags, generation_flags):
+        add_flags(p)
+    return p.parse_args(argv)
+
+
+def data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, nargs="+", help="UTF-8 text files or folders, read recursively "
                    "(default: Tiny Shakespeare, downloaded once); your own text is kept as it is unless "
@@ -121,6 +127,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="lowercase the text (default: on for Tiny Shakespeare, off for --data)")
     g.add_argument("--normalize-whitespace", action=argparse.BooleanOptionalAction,
                    help="tidy spaces and blank lines (default: on for Tiny Shakespeare, off for --data)")
+
+
+def model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--size", help=f"{', '.join(tinyllm.MODEL_SIZES.names())} "
                    f"(default: {default('model_size')})")
@@ -129,6 +138,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              ("max-context", int, "tokens the model sees at once")]:
         g.add_argument(f"--{flag}", type=kind, help=f"{what} (default: {default(flag.replace('-', '_'))})")
     g.add_argument("--init-from", help="fine-tune this checkpoint on --data (fresh optimizer and schedule)")
+
+
+def training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     for flag, kind, what in [("epochs", int, "passes over the text"),
                              ("max-steps", int, "stop after this many steps"),
@@ -143,6 +155,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     g.add_argument("--benchmark", action="store_true", help="print training tokens/s and MFU (median of 3) "
                    "against a plain GPT of the same shape, or with --generate generation tokens/s, then exit")
+
+
+def output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", help="where checkpoints, logs and samples go (default: out)")
     g.add_argument("--overwrite", action="store_true",
@@ -155,6 +170,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     g.add_argument("--quiet", action="store_true",
                    help="the console shows warnings only (the log has everything)")
     g.add_argument("--plot", action="store_true", help="draw loss.png from <out-dir>/metrics.csv, then exit")
+
+
+def device_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device and distributed (launch with torchrun for several processes)")
     g.add_argument("--device", choices=tinyllm.DEVICES,
                    help="auto: CUDA, then MPS, then the CPU (default: auto)")
@@ -164,6 +182,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    "(default: where measuring shows it pays)")
     g.add_argument("--threads", type=int, help="CPU threads per process, as OMP_NUM_THREADS sets them; "
                    "fewer on a busy machine (default: OMP_NUM_THREADS, else measured on a CPU)")
+
+
+def generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (and other uses of a trained model)")
     g.add_argument("--generate", action="store_true", help="stream a sample instead of training")
     g.add_argument("--evaluate", action="store_true", help="print the full validation loss on --data")
@@ -179,7 +200,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens (1: greedy)")
     g.add_argument("--top-p", type=float, help="sample only from the most likely tokens holding this mass")
     g.add_argument("--stop", action="append", default=[], help="end before this string (repeatable)")
-    return p.parse_args(argv)
 
 
 def fields_given(args: argparse.Namespace) -> set:
