@@ -79,11 +79,9 @@ class TinyLLMError(ValueError):
 
 
 class Registry:
-    """A named table of entries, so a new tokenizer or model size is one decorator or call.
-
-    An entry may be a "module:attribute" string, imported the first time its name is looked up,
-    so an optional plug-in costs nothing until it is used. `check` vets each entry.
-    """
+    """A named table of entries, so a new tokenizer or model size is one decorator or call. An entry may
+    be a "module:attribute" string, imported when first looked up; `check` vets each entry."""
+    # A string entry makes an optional plug-in cost nothing until it is used.
 
     def __init__(self, kind: str, check: Callable[[str, Any], None] = lambda name, entry: None):
         self.kind, self.check, self.entries = kind, check, {}
@@ -498,10 +496,7 @@ def bits_per_char(loss: float, tokens: int, chars: int) -> float:
 
 class TokenWindows(Dataset):
     """Non-overlapping windows over a token tensor: item i is (ids[s:s+T], ids[s+1:s+T+1]), s = offset + i*T.
-
-    A fresh random `offset` each epoch shows the model new cuts. An item may be a list of indices:
-    the batch is then cut in one gather, with no Python loop.
-    """
+    An item may be a list of indices: the batch is then cut in one gather, with no Python loop."""
 
     def __init__(self, ids: torch.Tensor, context: int, offset: int = 0):
         self.ids, self.context, self.offset = ids, context, offset
@@ -532,14 +527,12 @@ class RankBatches:
 
 def epoch_loader(ids: torch.Tensor, context: int, batch_size: int, generator: torch.Generator,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
-    """One epoch: every window once, in random order, after a fresh random offset in [0, context).
-
-    A last, incomplete batch is dropped (when there is a full one), so every step has one shape. With
-    several processes, each takes every `world_size`-th batch of the same shuffle, all the same
-    number, so none waits at a step that the others never take.
-    """
+    """One epoch: every window once, in random order, after a fresh random offset in [0, context) (new
+    cuts each epoch); each of several processes takes every `world_size`-th batch of one shuffle."""
     windows = TokenWindows(ids, context, int(torch.randint(min(context, len(ids) - context), (1,),
                                                            generator=generator)))
+    # A last, incomplete batch is dropped (if there is a full one), so every step has one shape; and
+    # every process gets as many batches, so none waits at a step that the others never take.
     batches = BatchSampler(RandomSampler(windows, generator=generator), batch_size,
                            drop_last=len(windows) >= batch_size)
     # The loader draws its workers' seed from `generator` too, so the global RNG is left alone.
@@ -563,12 +556,11 @@ def on_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class TokenData:
-    """Text made ready to train on: the tokenizer, the training and validation token ids (an integer
-    tensor of any width, e.g. a memory-mapped token file) and the sizes that bits per character needs.
-    A data source, such as tinyllm_data.Corpus, is anything whose `prepare(config, tokenizer)` gives one."""
+    """Text made ready to train on: the tokenizer, the token ids and the sizes bits per character needs.
+    A data source (tinyllm_data.Corpus) is anything whose `prepare(config, tokenizer)` gives one."""
 
     tokenizer: Tokenizer
-    train_ids: torch.Tensor
+    train_ids: torch.Tensor  # an integer tensor of any width, e.g. a memory-mapped token file
     val_ids: torch.Tensor
     chars: tuple  # the characters given, and left after preprocessing
     val_chars: int  # the validation text's characters, after preprocessing
@@ -603,9 +595,8 @@ def prepare_data(config: TrainingConfig, text: str, val_text: Optional[str],
 
 def token_data(config: TrainingConfig, text: Any, val_text: Optional[str],
                tokenizer: Optional[Tokenizer]) -> TokenData:
-    """The tokens of `text` (and `val_text`) as strings, or of a data source: an object whose
-    `prepare(config, tokenizer)` returns TokenData, such as tinyllm_data.Corpus (which holds its own
-    validation text)."""
+    """The tokens of `text` (and `val_text`) as strings, or of a data source, which holds its own
+    validation text (an object whose `prepare(config, tokenizer)` returns TokenData)."""
     if isinstance(text, str) and isinstance(val_text, (str, type(None))):
         return prepare_data(config, text, val_text, tokenizer)
     if not hasattr(text, "prepare") or val_text is not None:
@@ -715,10 +706,11 @@ class Block(nn.Module):
 
 class KVCache:
     """Every layer's keys and values for the tokens seen so far, so generating a token costs one
-    position instead of the whole context. It is static, as in gpt-fast: room for max_context
-    positions is allocated up front and written in place, so every one-token step has the same
-    shapes, and a compiled step (tinyllm_inference) runs them all without recompiling. A plain
-    object, not a Module: a Module's `length` took 3 microseconds to set, 3% of a compiled step."""
+    position instead of the whole context; static, as in gpt-fast."""
+    # Room for max_context positions is allocated up front and written in place, so every one-token
+    # step has the same shapes, and a compiled step (tinyllm_inference) runs them all without
+    # recompiling. A plain object, not a Module: a Module's `length` took 3 microseconds to set, 3% of
+    # a compiled step.
 
     def __init__(self, model: TransformerModel, batch_size: int = 1,
                  tensors: Optional[Sequence[torch.Tensor]] = None):
@@ -847,9 +839,10 @@ class TransformerModel(nn.Module):
     def embed(self, idx: torch.Tensor, positions: Optional[torch.Tensor] = None,
               cache: Optional[KVCache] = None) -> torch.Tensor:
         """Token embeddings, each plus a learned share (per feature) of the previous token's: a token
-        shift, as in RWKV and the public GPT speed records. A character model leans on the character
-        before, and this hands it over without spending attention on it (1,000 steps on a CPU: 0.011
-        lower validation loss at the median of three seeds, at no measurable cost)."""
+        shift, as in RWKV and the public GPT speed records."""
+        # A character model leans on the character before, and this hands it over without spending
+        # attention on it (1,000 steps on a CPU: 0.011 lower validation loss at the median of three
+        # seeds, at no measurable cost).
         x = self.dropout(self.token_embedding(idx))
         if self.token_shift is None:
             return x
@@ -970,19 +963,16 @@ def generate_blocks(model: TransformerModel, idx: torch.Tensor, max_new_tokens: 
                     generator: Optional[torch.Generator] = None, use_cache: bool = True,
                     decode_step: Optional[Callable] = None) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens continuing each row of `idx` (B, T), in blocks (B, n) of
-    1, 2, 4, 8 and then 16 tokens: the first comes at once, and later ones share the cost of entering
-    inference mode and of drawing random numbers (a token at a time, a tenth of a compiled step's time).
-
-    The context window holds at most max_context tokens. When it is full, it jumps forward: the
-    newest max_context // 2 tokens are kept and the cache is filled again from them in one pass (a
-    cache cannot just drop its oldest position, since every later position's keys were computed while
-    attending to it). Without the cache the same window is recomputed at each step, so both routes
-    give the same tokens and the cache makes each step cost one position. Each step of the cache, the
-    window's first fill as each token after it, calls `decode_step(tokens, positions, cache, race,
-    **sampling)`: `next_token`, or a compiled one (tinyllm_inference). The random draws are made here,
-    a (B, vocab) tensor a token and a whole block's at once, so a seed gives the same tokens whichever
-    route runs and however many are asked for.
-    """
+    1, 2, 4, 8 and then 16 tokens; each cached step calls `decode_step` (`next_token` by default)."""
+    # The first token comes at once; later ones share the cost of entering inference mode and of
+    # drawing random numbers (a token at a time, a tenth of a compiled step's time). The window holds
+    # at most max_context tokens; when it is full it jumps forward, keeping the newest
+    # max_context // 2, and the cache is filled again from them in one pass (a cache cannot just drop
+    # its oldest position: every later position's keys were computed while attending to it). Without
+    # the cache the same window is recomputed at each step, so both routes give the same tokens. Each
+    # fill of the cache and each token after it calls `decode_step(tokens, positions, cache, race,
+    # **sampling)`. The draws, a (B, vocab) tensor a token, are made here a block at a time, so a seed
+    # gives the same tokens whichever route runs and however many are asked for.
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     check_prompt_ids(idx, model.config.vocab_size, max_new_tokens)
     generation = Generation(model, idx, use_cache=use_cache, decode_step=decode_step, generator=generator,
@@ -1048,9 +1038,8 @@ def scored_tokens(n_ids: int, context: int, max_tokens: Optional[int]) -> int:
 def evaluate_full(model: TransformerModel, ids: torch.Tensor, batch_size: int,
                   autocast: Callable = contextlib.nullcontext, *, max_tokens: Optional[int] = None,
                   seed: int = 0, progress: Optional[Callable[[Iterator, int], Iterator]] = None) -> float:
-    """Mean loss per token over ALL of `ids`, cut into non-overlapping windows of max_context; where
-    they hold over `max_tokens` tokens, over a seeded choice of those windows holding that many.
-    `progress(batches, how_many)`, e.g. a tqdm bar, wraps the iterator of batches."""
+    """Mean loss per token over ALL of `ids` in windows of max_context (over more than `max_tokens`, a
+    seeded choice of windows holding that many); `progress(batches, n)`, e.g. tqdm, wraps the batches."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     windows = TokenWindows(ids, model.max_context)
@@ -1206,9 +1195,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
 
 def starting_point(config: TrainingConfig, saved: Optional[Checkpoint], model: Optional[TransformerModel],
                    tokenizer: Optional[Tokenizer]) -> tuple:
-    """The config, model and tokenizer to start from: a resumed run's own; a checkpoint to fine-tune
-    (its tokenizer and preprocessing, with a fresh optimizer and schedule); or those given. A
-    model given or loaded sets the config's model shape."""
+    """The config, model and tokenizer to start from: a resumed run's own; a checkpoint's to fine-tune
+    (with a fresh optimizer and schedule); or those given, whose model sets the config's shape."""
     if saved:
         stopped = (saved.training_state or {}).get("stopped_because")
         if stopped not in (None, "interrupted"):
@@ -1340,8 +1328,9 @@ class RunClock:
 
     def final_seconds(self, tokens_per_process: int) -> float:
         """The time the work after the last step will take: scoring `final_tokens` and sampling, at the
-        pace last timed with a quarter to spare, and a save. Not yet timed, a forward pass is counted at
-        two thirds of a training step's time per token (it costs about a third)."""
+        pace last timed with a quarter to spare, and a save."""
+        # Not yet timed, a forward pass is counted at two thirds of a training step's time per token
+        # (it costs about a third).
         if not tokens_per_process:
             return 0.0
         guessed_rate = 1.5 / max(self.seconds_per_token(tokens_per_process), 1e-12)
@@ -1521,28 +1510,24 @@ class RunDirectory:
 
 
 class Callback:
-    """A trainer plug-in overrides the moments it needs: the start (model, optimizer and files ready),
-    each step's end, each validation (`row`: the metrics row), the loop's stop (`reason`, "error" if
-    it raised) and the end. `on_validation` and `on_end` may return a note for that log line, and
-    `on_end` may add to the summary."""
+    """A trainer plug-in overrides the moments it needs. `on_validation` and `on_end` may return a note
+    for that log line, and `on_end` may add to the summary."""
 
-    def on_start(self, trainer: Trainer) -> None: ...
+    def on_start(self, trainer: Trainer) -> None: ...  # model, optimizer and files ready
     def on_step_end(self, trainer: Trainer) -> None: ...
-    def on_validation(self, trainer: Trainer, row: dict) -> Optional[str]: ...
-    def on_stop(self, trainer: Trainer, reason: str) -> None: ...
+    def on_validation(self, trainer: Trainer, row: dict) -> Optional[str]: ...  # row: the metrics row
+    def on_stop(self, trainer: Trainer, reason: str) -> None: ...  # reason: "error" if the loop raised
     def on_end(self, trainer: Trainer, summary: dict) -> Optional[str]: ...
 
 
 class World:
     """The processes training together: just this one, unless a plug-in (torchrun's) says otherwise.
-    `join` sets this process up and returns its device; `wrap` gives the module to train (across
-    processes, one that averages their gradients); `mean` is sum(total) / sum(count) over the
-    processes, and `max` the largest value any of them has."""
+    `mean` is sum(total) / sum(count) over the processes; `max`, the largest value any of them has."""
 
     rank, size = 0, 1
 
-    def join(self, device: torch.device) -> torch.device: return device
-    def wrap(self, model: nn.Module) -> nn.Module: return model
+    def join(self, device: torch.device) -> torch.device: return device  # sets the process up
+    def wrap(self, model: nn.Module) -> nn.Module: return model  # across processes, averaging gradients
     def mean(self, total: torch.Tensor, count: int) -> float: return float(total / count)  # 0 / 0: nan
     def average(self, values: torch.Tensor) -> torch.Tensor: return values
     def max(self, value: int) -> int: return value
@@ -1587,8 +1572,9 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable:
 def scheduled_learning_rate(config: TrainingConfig, step: int, total_steps: int,
                             budget_spent: float) -> float:
     """Warmup-stable-decay: a linear warmup, the peak rate, then a linear decay to 3% over the second
-    half of the run, by steps or by the time budget spent. In 180-s runs it beat a cosine decay by 0.03
-    (and a decay over the last 30% by 0.01 with Muon; ending at 3% instead of 10% gained 0.004)."""
+    half of the run, by steps or by the time budget spent."""
+    # In 180-s runs it beat a cosine decay by 0.03 (and a decay over the last 30% by 0.01 with Muon;
+    # ending at 3% instead of 10% gained 0.004).
     warmup = min(config.warmup_steps, total_steps // 5)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
@@ -1632,11 +1618,11 @@ def orthogonalize_together(updates: Sequence[torch.Tensor]) -> List[torch.Tensor
 
 class Muon(Optimizer):
     """Muon (Keller Jordan, 2024) for weight matrices: Nesterov momentum, each update orthogonalised,
-    then scaled to the size of a typical AdamW update so that one learning rate serves both. It is
-    torch.optim.Muon with "match_rms_adamw", but it iterates in float32 (PyTorch's iterates in
-    bfloat16, which a CPU without bfloat16 units emulates 4x slower), and 3 times, not 5, with
-    coefficients fitted for 3: in 180-s runs on a CPU, that learned the most per second. Its momentum
-    warms up over the first `momentum_warmup` steps (0: none), as in the public speed records."""
+    then scaled to a typical AdamW update's size (one learning rate serves both)."""
+    # It is torch.optim.Muon with "match_rms_adamw", but it iterates in float32 (PyTorch's iterates in
+    # bfloat16, which a CPU without bfloat16 units emulates 4x slower), and 3 times, not 5, with
+    # coefficients fitted for 3: in 180-s runs on a CPU, that learned the most per second. Its momentum
+    # warms up over the first `momentum_warmup` steps (0: none), as in the public speed records.
 
     def __init__(self, params: Any, lr: float, *, weight_decay: float = 0.1, momentum: float = 0.95,
                  momentum_warmup: int = 300, parts: Optional[Mapping[torch.Tensor, int]] = None):
@@ -1733,10 +1719,10 @@ def device_memory(device: torch.device) -> Optional[int]:
 
 
 def check_memory(config: TrainingConfig, vocab_size: int, device: torch.device) -> None:
-    """Refuse, before allocating, a run that cannot fit: training keeps 4 floats per weight (the weight,
-    its gradient and AdamW's two moments), a step's activations for the backward pass (about 10 x
-    n_embd, the SwiGLU hidden layer and the attention scores per token and layer, and the logits),
-    and the fixed validation batches."""
+    """Refuse, before allocating, a run that cannot fit in the device's memory."""
+    # Training keeps 4 floats per weight (the weight, its gradient and AdamW's two moments), a step's
+    # activations for the backward pass (about 10 x n_embd, the SwiGLU hidden layer and the attention
+    # scores per token and layer, and the logits), and the fixed validation batches.
     c, hidden = config, 16 * round(8 * config.n_embd / 3 / 16)
     weights = 2 * vocab_size * c.n_embd + c.n_layer * (4 * c.n_embd ** 2 + 3 * c.n_embd * hidden)
     tokens = c.batch_size * c.max_context
@@ -1793,11 +1779,10 @@ def log_run_start(trainer: Trainer) -> None:
 
 
 class Trainer:
-    """One training run: `Trainer(config, text).train()` returns the summary (also summary.json). The
-    text may be a data source instead (see TokenData). A model, a tokenizer and validation text may
-    be handed in; plug-ins attach as `callbacks`, and a distributed run passes its `world`. With
-    `resume`, the run in config.out_dir continues from its last.pt with its own settings; only
-    out_dir, device and compile come from `config`."""
+    """One training run: `Trainer(config, text).train()` returns the summary (also summary.json). With
+    `resume`, the run in config.out_dir continues with its own settings (but out_dir, device, compile)."""
+    # The text may be a data source instead (see TokenData). A model, a tokenizer and validation text
+    # may be handed in; plug-ins attach as `callbacks`, and a distributed run passes its `world`.
 
     STOP_REASONS = ("max_steps", "time_budget", "early_stopping", "interrupted")  # later ones win
 

@@ -28,11 +28,9 @@ def merge_pair(ids: List[int], pair: tuple, new_id: int) -> List[int]:
 
 class BytePairTokenizer(tinyllm.Tokenizer):
     """Byte-level BPE, as in GPT-2: tokens 0-255 are the UTF-8 bytes, and `fit` adds one token at a
-    time for the most frequent adjacent pair, so any text encodes without unknowns.
-
-    Text is first cut into pieces (a word with its leading space, a number, a run of punctuation,
-    whitespace) and merges never cross pieces, so each distinct piece is encoded once and cached.
-    """
+    time for the most frequent adjacent pair, so any text encodes without unknowns."""
+    # Text is first cut into pieces (a word with its leading space, a number, a run of punctuation,
+    # whitespace) and merges never cross pieces, so each distinct piece is encoded once and cached.
 
     type_name = "bpe"
     learns_vocabulary = True

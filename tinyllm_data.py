@@ -60,9 +60,9 @@ def _included(path: Path, root: Path, include: Sequence[str]) -> bool:
 
 
 def list_files(paths: Sequence[tinyllm.PathLike], include: Sequence[str] = ()) -> List[Tuple[Path, bool]]:
-    """(path, named directly) for every file named, and every file under each folder named
-    (recursively, sorted by path) that `include` admits; each file once, however often it is named
-    (a copy held out for validation while another trains would make the validation loss a lie)."""
+    """(path, named directly) for every file named, and every file under each folder named (recursively,
+    sorted by path) that `include` admits; each file once, however often it is named."""
+    # A copy held out for validation while another trains would make the validation loss a lie.
     files: Dict[Path, Tuple[Path, bool]] = {}
     for path in map(Path, paths):
         if path.is_dir():
@@ -86,9 +86,10 @@ def read_text(path: Path) -> str:
 
 
 def content_sha256(files: Sequence[Tuple[Path, bool]], digest: Any) -> None:
-    """Feed every file's length and bytes to `digest`, a megabyte at a time. What is missing, unreadable
-    or not a regular file (/dev/zero would be read forever) is fed as its name: no cache entry made
-    without it matches, so the reading that follows says what is wrong with it, by name."""
+    """Feed every file's length and bytes to `digest`, a megabyte at a time; what is missing, unreadable
+    or not a regular file (/dev/zero would be read forever) is fed as its name."""
+    # No cache entry made without that file then matches, so the reading that follows says what is
+    # wrong with it, by name.
     for path, _ in files:
         try:
             if not path.is_file():
@@ -139,9 +140,9 @@ def held_out(sizes: Sequence[int], val_fraction: float, seed: int) -> List[int]:
 
 def plan_segments(documents: List[Document], n_val_documents: int, *, val_fraction: float,
                   seed: int) -> str:
-    """Fill in each document's segments; return what was held out, for the log. The last
-    `n_val_documents` were given apart for validation; else several documents hold out a seeded
-    choice of whole ones, and a single one its last `val_fraction` of characters, as ever."""
+    """Fill in each document's segments; return what was held out, for the log."""
+    # The last `n_val_documents` were given apart for validation; else several documents hold out a
+    # seeded choice of whole ones, and a single one its last `val_fraction` of characters, as ever.
     train_docs = documents[:len(documents) - n_val_documents]
     if n_val_documents:
         val_docs = documents[len(train_docs):]
@@ -194,15 +195,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class Corpus:
-    """Files and folders as a data source for `tinyllm.Trainer`, tokenized once into the token cache.
-
-    `val_paths` are validation documents given apart; `include` filters the files found in folders;
-    `progress` draws a bar while tokenizing (where there is a terminal).
-    """
+    """Files and folders as a data source for `tinyllm.Trainer`, tokenized once into the token cache;
+    `val_paths`: validation documents given apart; `include`: patterns for the files in folders."""
 
     def __init__(self, paths: Sequence[tinyllm.PathLike], *, include: Sequence[str] = (),
                  val_paths: Sequence[tinyllm.PathLike] = (), cache_dir: Optional[tinyllm.PathLike] = None,
-                 progress: bool = True):
+                 progress: bool = True):  # progress: a bar while tokenizing, where there is a terminal
         # One path given alone is one path, not a sequence of one-letter names ("." among them).
         paths, include, val_paths = ([given] if isinstance(given, (str, os.PathLike)) else list(given or ())
                                      for given in (paths, include, val_paths))
@@ -259,9 +257,9 @@ class Corpus:
     def _survey(self, files: List[Tuple[Path, bool]], config: tinyllm.TrainingConfig,
                 seen: Dict[str, Path]) -> tuple:
         """Read every file once: (documents, the files skipped with why, the set of characters in the
-        rest). A file found in a folder that is not UTF-8 text is skipped; one named directly must be.
-        A file with the same text as one read before (`seen`, by hash) is skipped too: a copy on each
-        side of the validation split would make the validation loss measure memory."""
+        rest); a file in a folder that is not UTF-8 text is skipped (one named directly must be)."""
+        # A file with the same text as one read before (`seen`, by hash) is skipped too: a copy on each
+        # side of the validation split would make the validation loss measure memory.
         documents, skipped, chars = [], [], set()
         for path, named in files:
             try:
@@ -287,9 +285,9 @@ class Corpus:
 
     def _fitted(self, documents: List[Document], chars: set, config: tinyllm.TrainingConfig,
                 tokenizer: Optional[tinyllm.Tokenizer]) -> Tuple[tinyllm.Tokenizer, int]:
-        """The tokenizer and how many tokens it gained. A tokenizer that learns merges fits on a
-        seeded sample of the training documents of at most FIT_SAMPLE_CHARS characters; any other
-        needs only the set of characters."""
+        """The tokenizer and how many tokens it gained."""
+        # A tokenizer that learns merges fits on a seeded sample of the training documents of at most
+        # FIT_SAMPLE_CHARS characters; any other needs only the set of characters.
         every_char = "".join(sorted(chars))
         if tokenizer is not None:
             return tokenizer, tokenizer.extend(every_char)
@@ -370,9 +368,9 @@ def check_fields(meta: dict) -> None:
 
 
 class TokenFile:
-    """One entry of the token cache: <key>.json, written last, says which pair of raw token files
-    (<files>.train, <files>.val) holds the entry's ids, their type and lengths, the tokenizer, and
-    what the log says about them. Several entries may share one pair."""
+    """One entry of the token cache: <key>.json, written last, names the pair of raw token files
+    (<files>.train, <files>.val) that holds its ids, with their type, lengths and tokenizer."""
+    # It also holds what the log says about them. Several entries may share one pair.
 
     def __init__(self, folder: Path, key: str):
         self.folder, self.key, self.files = folder, key, key  # files: the key naming the token files

@@ -113,9 +113,10 @@ class DistributedWorld(tinyllm.World):
 
     def exit(self, code: int, *, wait: float = 2.0) -> NoReturn:
         """End this failed process with `code`, once every process has failed or `wait` seconds have
-        passed. torchrun's agent sends SIGTERM to the others as soon as one ends, so one that was
-        still starting up (meeting the same error a moment later) would die by that signal; one that
-        waits in a collective operation finds it broken when this one ends, and follows with code 2."""
+        passed."""
+        # torchrun's agent sends SIGTERM to the others as soon as one ends, so one that was still
+        # starting up (meeting the same error a moment later) would die by that signal; one that waits
+        # in a collective operation finds it broken when this one ends, and follows with code 2.
         if not self.failed:
             self.first_to_fail()
         deadline = time.monotonic() + wait
@@ -199,9 +200,9 @@ def compile_pays(*, relative_gain: float, remaining_seconds: float, compile_seco
 def time_training_step(trainer: tinyllm.Trainer, setting: Setting, module: Any, *,
                        min_seconds: float = 1.0, give_up_after: float = math.inf) -> tuple:
     """(seconds of the first call, median seconds per step after it) of a training step of `module` in
-    `setting`, on a batch of the run's shape; a step taking over `give_up_after` seconds ends the
-    timing. The model, its gradients and torch's random generators are left as they were: an
-    optimizer with learning rate 0 on them, a snapshot put back."""
+    `setting`, on a batch of the run's shape; a step over `give_up_after` seconds ends the timing."""
+    # The model, its gradients and torch's random generators are left as they were: an optimizer with
+    # learning rate 0 on them, a snapshot put back.
     c, device = trainer.config, trainer.device
     x, y = next(iter(tinyllm.epoch_loader(trainer.train_ids, c.max_context, c.batch_size,
                                           torch.Generator().manual_seed(0))))
@@ -247,9 +248,9 @@ def write_measurements(path: Path, key: str, timings: dict) -> None:
 
 @functools.lru_cache(maxsize=None)  # asked for by every record and library name; the chip does not change
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name, as lscpu shows it, and a digest of its instruction sets: machines of one
-    name (a cloud's "AMD EPYC") differ in them, and code compiled for one (-march=native) can crash
-    the other, as a timing made on one misleads on the other."""
+    """The CPU's model name, as lscpu shows it, and a digest of its instruction sets."""
+    # Machines of one name (a cloud's "AMD EPYC") differ in them, and code compiled for one
+    # (-march=native) can crash the other, as a timing made on one misleads on the other.
     try:
         lines = cpuinfo.read_text().splitlines()
     except OSError:  # not Linux
@@ -279,10 +280,10 @@ def machine_key(trainer: tinyllm.Trainer) -> str:
 
 class MeasuredSettings(tinyllm.Callback):
     """Where `dtype` is "auto" (on a CPU) or `compile` unset, time the real training step in each
-    candidate for a second or so and train with the fastest; compile only where the measured (or, the
-    first time, guessed) gain over the rest of the run exceeds its cost. Timings are kept in
-    `record_path`, so a later run of the same model here starts at once. A compiled step that fails
-    falls back to plain PyTorch."""
+    candidate for a second or so and train with the fastest, compiling only where it pays."""
+    # Compiling pays where the measured (or, the first time, guessed) gain over the rest of the run
+    # exceeds its cost. Timings are kept in `record_path`, so a later run of the same model here starts
+    # at once. A compiled step that fails falls back to plain PyTorch.
 
     def __init__(self, *, timer: Callable = time_training_step,
                  record_path: Optional[tinyllm.PathLike] = None):
@@ -492,8 +493,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 def best_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The highest matrix-multiply FLOP/s measured on this chip so far, now included, kept in the
-    measurements record: at start-up other work (compile workers, say) can slow one measurement by
-    half, and a peak measured low would make the utilisation look high."""
+    measurements record."""
+    # At start-up other work (compile workers, say) can slow one measurement by half, and a peak
+    # measured low would make the utilisation look high.
     now, key = measure_peak_flops(device, dtype), f"{chip_name(device)} | torch {torch.__version__} | peak"
     name = str(dtype).removeprefix("torch.")
     record = read_measurements(MEASUREMENTS).get(key, {})
@@ -611,10 +613,9 @@ def smoothed(values: List[float], weight: float) -> List[float]:
 
 
 def plot_losses(out_dir: tinyllm.PathLike, summary: Optional[dict] = None) -> Path:
-    """Draw loss.png in `out_dir`: the training loss of every step (from steps.csv, smoothed) or of each
-    validation (from metrics.csv), the validation losses as points, the learning rate on a second
-    axis, and a title with the model and its full validation loss (from config.json and `summary`, by
-    default summary.json)."""
+    """Draw loss.png in `out_dir`: the training loss (steps.csv, smoothed; else metrics.csv), validation
+    points, the learning rate on a second axis, and the model and full validation loss as a title."""
+    # The title's numbers come from config.json and `summary` (by default summary.json).
     try:  # an optional dependency; Figure without pyplot leaves any global plotting state alone
         from matplotlib.figure import Figure
     except ImportError:
@@ -675,9 +676,9 @@ def keep_aside(path: Path) -> Path:
 
 
 class LossPlot(tinyllm.Callback):
-    """Keep every step's training loss and learning rate in steps.csv (read from the device once per
-    validation and checkpoint, never per step) and draw loss.png at the end; without matplotlib, say
-    how to get it and finish anyway."""
+    """Keep every step's training loss and learning rate in steps.csv and draw loss.png at the end;
+    without matplotlib, say how to get it and finish anyway."""
+    # The losses are read from the device once per validation and checkpoint, never per step.
 
     def __init__(self) -> None:
         self.pending: List[tuple] = []  # (step, loss on the device, learning rate) not yet written
@@ -777,8 +778,8 @@ def duration(seconds: float) -> str:
 
 class ProgressLog(tinyllm.Callback):
     """Progress where no bar can be drawn (nohup, a notebook, CI, output piped to a file): a log line
-    every `every` seconds and at 1%, 10%, 25%, 50%, 75% and 90% of the run. Each reads the loss
-    from the device once, so the steps between lines never wait for it."""
+    every `every` seconds and at 1%, 10%, 25%, 50%, 75% and 90% of the run."""
+    # Each line reads the loss from the device once, so the steps between lines never wait for it.
 
     MILESTONES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9)
 

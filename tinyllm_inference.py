@@ -28,11 +28,8 @@ from tinyllm import logger
 
 
 class Int8Linear(nn.Module):
-    """A linear layer stored as int8 weights with one float scale per output channel.
-
-    Weight-only quantization: each weight row is scaled so its largest magnitude becomes 127 and
-    rounded; activations stay in floating point, and the weights are expanded back as they are used.
-    """
+    """A linear layer stored as int8 weights with one float scale per output channel (weight-only:
+    activations stay in floating point, and the weights are expanded back as they are used)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -42,7 +39,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # each row's largest magnitude -> 127
         quantized = cls(linear.in_features, linear.out_features).to(weight.device)
         quantized.weight.copy_(torch.round(weight / scales[:, None]).to(torch.int8))
         quantized.scales.copy_(scales)
@@ -101,9 +98,10 @@ class TextStream:
 
 
 def check_generation_memory(model: tinyllm.TransformerModel, num_samples: int, device: torch.device) -> None:
-    """Refuse, before allocating, a batch of samples that cannot fit: each sample holds a KV cache
-    (keys and values of every layer, max_context positions) and, while a window is filled, about a
-    dozen activations of n_embd per position and layer, attention scores and the logits."""
+    """Refuse, before allocating, a batch of samples that cannot fit in the device's memory."""
+    # Each sample holds a KV cache (keys and values of every layer, max_context positions) and, while a
+    # window is filled, about a dozen activations of n_embd per position and layer, attention scores
+    # and the logits.
     c = model.config
     per_position = 2 * c.n_layer * c.n_embd + 12 * c.n_embd + c.n_head * c.max_context + 3 * c.vocab_size
     per_sample, available = 4 * c.max_context * per_position, tinyllm.device_memory(device)
@@ -119,13 +117,10 @@ def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer
                    num_samples: int = 1, stop: Sequence[str] = (), lowercase: bool = True,
                    normalize_whitespace: bool = True, seed: Optional[int] = None,
                    **sampling: Any) -> Iterator[tuple]:
-    """Yield (sample number, text piece) as `num_samples` continuations of `prompt` are generated in
-    one batch, for up to `length` tokens each.
-
-    The prompt gets the training text's preprocessing (see `tinyllm.sample_text`). Each sample ends
-    before its first `stop` string, which is not yielded; the batch ends when every sample has. The
-    same seed and number of samples give the same samples. `sampling`: see `tinyllm.generate_blocks`.
-    """
+    """Yield (sample number, text piece) as `num_samples` continuations of `prompt` are generated in one
+    batch, each ending before its first `stop` string; `sampling`: see `tinyllm.generate_blocks`."""
+    # The prompt is preprocessed as the training text was (see `tinyllm.sample_text`). The batch ends
+    # when every sample has; the same seed and number of samples give the same samples.
     if num_samples < 1:
         raise tinyllm.TinyLLMError(f"num_samples must be at least 1, got {num_samples}")
     device = next(model.parameters()).device
@@ -209,9 +204,10 @@ def time_decode_step(model: tinyllm.TransformerModel, step: Callable, batch_size
 def compile_decode_step(model: tinyllm.TransformerModel,
                         folder: Optional[tinyllm.PathLike] = None) -> Callable:
     """`tinyllm.next_token` for `model`, compiled, falling back to eager with a warning if compiling
-    fails. A one-token step is a few dozen small kernels, so what is left to win is the overhead
-    around them: on a GPU, torch.compile with CUDA graphs launches them all at once; on a CPU,
-    AOTInductor builds a library that C++ calls without Python (see PackagedDecodeStep)."""
+    fails."""
+    # A one-token step is a few dozen small kernels, so what is left to win is the overhead around
+    # them: on a GPU, torch.compile with CUDA graphs launches them all at once; on a CPU, AOTInductor
+    # builds a library that C++ calls without Python (see PackagedDecodeStep).
     eager = functools.partial(tinyllm.next_token, model)
     if next(model.parameters()).device.type == "cpu":
         return tinyllm_hooks.EagerFallback(PackagedDecodeStep(model, folder or DECODE_PACKAGES), eager)
@@ -224,10 +220,10 @@ def compile_decode_step(model: tinyllm.TransformerModel,
 
 def with_static_cache(compiled: Callable, eager: Callable) -> Callable:
     """`compiled` for one-token steps, with each new cache's tensors marked as staying at their
-    addresses, and `eager` for a window's fill (each length would be a graph of its own). A CUDA graph
-    replays fixed addresses, so it skips (runs without graphs) a step that writes in place to an
-    input it would have to copy; a marked cache is written where it lies (as a static cache in
-    Hugging Face transformers does), and a new cache only makes the graph be recorded again."""
+    addresses, and `eager` for a window's fill (each length would be a graph of its own)."""
+    # A CUDA graph replays fixed addresses, so it skips (runs without graphs) a step that writes in
+    # place to an input it would have to copy; a marked cache is written where it lies (as a static
+    # cache in Hugging Face transformers does), and a new cache only makes the graph be recorded again.
     marked: weakref.WeakSet = weakref.WeakSet()  # the caches marked so far, while they live
 
     def step(tokens: torch.Tensor, positions: torch.Tensor, cache: tinyllm.KVCache, race: torch.Tensor,
@@ -258,14 +254,14 @@ class ExportedStep(nn.Module):
 
 class PackagedDecodeStep:
     """The cache's steps on a CPU, compiled ahead of time: torch.export captures them and AOTInductor
-    turns them into a shared library with the weights inside, which C++ runs with no Python between the
-    kernels. Called through torch.compile instead, this small model's step spends more time in the
-    Python around the compiled code (guards, wrappers, ~40 tensor arguments) than in its kernels.
-    The library holds two programs: the one-token step, and the refill of a window after it jumps
-    (max_context // 2 tokens; eager, it costs as much as 50 one-token steps); a prompt of another
-    length runs eager. A library is built per batch size and sampling settings (they are part of the
-    code) and kept in `folder` under a name hashed from them, the weights and torch, so the next run
-    only loads it."""
+    builds a shared library with the weights inside, which C++ runs with no Python between kernels."""
+    # Called through torch.compile instead, this small model's step spends more time in the Python
+    # around the compiled code (guards, wrappers, ~40 tensor arguments) than in its kernels. The
+    # library holds two programs: the one-token step, and the refill of a window after it jumps
+    # (max_context // 2 tokens; eager, it costs as much as 50 one-token steps); a prompt of another
+    # length runs eager. A library is built per batch size and sampling settings (they are part of
+    # the code) and kept in `folder` under a name hashed from them, the weights and torch, so the next
+    # run only loads it.
 
     KEEP = 16  # the newest libraries kept in the folder; older ones are deleted
 
@@ -315,9 +311,8 @@ class PackagedDecodeStep:
 
     @staticmethod
     def options(batch_size: int, length: int) -> dict:
-        """Inductor's settings. One allocation holds all the step's intermediate tensors (a quarter
-        faster than allocating each, measured), and for one token of one sample Inductor writes the
-        matrix-vector products as its own loops: no library calls."""
+        """Inductor's settings: one allocation for the step's intermediate tensors (a quarter faster
+        than one each), and for one token of one sample, matrix-vector products as Inductor's loops."""
         one_row = batch_size * length == 1
         mm_as_loops = {"post_grad_fusion_options": {"decompose_mm_pass": {}}} if one_row else {}
         return {"memory_planning": True, "aot_inductor.package": True, **mm_as_loops}
@@ -376,18 +371,19 @@ class PackagedDecodeStep:
 
 def load_program(path: Path, name: str) -> Any:
     """The program `name` of the library at `path`, through AOTInductor's C++ loader itself, whose
-    `boxed_run` takes a flat list of tensors: the Python package around it (torch._inductor.package)
-    takes 2-3 s to import, where the loader loads a library's two programs in 0.02 s, and its
-    `__call__` parses a tree of arguments each time (it cost half as much as the step itself)."""
+    `boxed_run` takes a flat list of tensors."""
+    # The Python package around it (torch._inductor.package) takes 2-3 s to import, where the loader
+    # loads a library's two programs in 0.02 s, and its `__call__` parses a tree of arguments each
+    # time (it cost half as much as the step itself).
     return torch._C._aoti.AOTIModelPackageLoader(str(path), name, False, 1, -1)  # one runner, on the CPU
 
 
 def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_size: int = 1,
                        compile: Optional[bool] = None, record_path: Optional[tinyllm.PathLike] = None,
                        **sampling: Any) -> Callable:
-    """The one-token step for generating `tokens` tokens with `sampling`: compiled if asked, or where the
-    time it saves (measured here before, or guessed) exceeds the time it takes to be ready; else
-    `tinyllm.next_token`. The choice is logged, and a compiled step's timings are recorded."""
+    """The one-token step for `tokens` tokens with `sampling`: compiled if asked, or where the time it
+    saves (measured, or guessed) exceeds the time it takes to be ready; else `tinyllm.next_token`."""
+    # The choice is logged, and a compiled step's timings are recorded.
     timings, eager = recorded_decode_timings(model, batch_size, record_path), functools.partial(
         tinyllm.next_token, model)
     step = compile_decode_step(model) if compile is not False else eager
@@ -415,8 +411,8 @@ def choose_decode_step(model: tinyllm.TransformerModel, *, tokens: int, batch_si
 
 def ready_timing(timings: dict, *, packaged: bool, built: bool) -> tuple:
     """(the timing's name, seconds from `timings` or guessed) of getting a compiled step ready: loading
-    a library built before, building one (on a CPU), or compiling (on a GPU, faster from PyTorch's
-    cache once a compile is on record)."""
+    a library built before, building one (on a CPU), or compiling (on a GPU)."""
+    # On a GPU a compile is faster from PyTorch's cache once one is on record.
     cold = timings.get("compile seconds")
     if built:
         # Named anew when loading went from 3 s to 0.02 s (load_program), so older records go unread.
