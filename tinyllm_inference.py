@@ -117,10 +117,11 @@ def stream_samples(model: tinyllm.TransformerModel, tokenizer: tinyllm.Tokenizer
                    num_samples: int = 1, stop: Sequence[str] = (), lowercase: bool = True,
                    normalize_whitespace: bool = True, seed: Optional[int] = None,
                    **sampling: Any) -> Iterator[tuple]:
-    """Yield (sample number, text piece) as `num_samples` continuations of `prompt` are generated in one
-    batch, each ending before its first `stop` string; `sampling`: see `tinyllm.generate_blocks`."""
+    """Yield (sample number, text piece) as `num_samples` continuations of `prompt`, of up to `length`
+    tokens, are generated in one batch, each ending before its first `stop` string (not yielded)."""
     # The prompt is preprocessed as the training text was (see `tinyllm.sample_text`). The batch ends
-    # when every sample has; the same seed and number of samples give the same samples.
+    # when every sample has; the same seed and number of samples give the same samples. `sampling`: see
+    # `tinyllm.generate_blocks`.
     if num_samples < 1:
         raise tinyllm.TinyLLMError(f"num_samples must be at least 1, got {num_samples}")
     device = next(model.parameters()).device
