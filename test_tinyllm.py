@@ -203,6 +203,8 @@ def test_config_file_that_is_not_an_object_is_refused(tmp_path):
     (tmp_path / "c.json").write_text("[1, 2]")
     with pytest.raises(TinyLLMError, match="JSON object"):
         TrainingConfig.from_json(tmp_path / "c.json")
+    with pytest.raises(TinyLLMError, match="^config file .* is a folder; name a JSON file$"):
+        TrainingConfig.from_json(tmp_path)
     (tmp_path / "c.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)  # json's decoder recurses
     with pytest.raises(TinyLLMError, match="config file .*c.json is nested too deeply to read"):
         TrainingConfig.from_json(tmp_path / "c.json")

@@ -169,6 +169,8 @@ def read_json(path: PathLike, what: str) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise TinyLLMError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TinyLLMError(f"{what} file {path} is a folder; name a JSON file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TinyLLMError(f"{what} file {path} is not valid JSON ({e})") from None
     except RecursionError:  # json's decoder recurses once per level
