@@ -339,6 +339,15 @@ def test_a_named_file_that_is_missing_is_refused_even_where_the_rest_are_in_the_
             corpus_data(paths, tmp_path, val_paths=val_paths)
 
 
+def test_a_token_cache_that_is_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "a.txt").write_text(PLAY)
+    for cache in (tmp_path / "a.txt", tmp_path / "a.txt" / "tokens"):
+        with pytest.raises(TinyLLMError, match=f"^cannot write the token cache in {re.escape(str(cache))} "
+                                               r"\(.*a.txt is a file, not a folder\); give another folder"):
+            tinyllm_data.Corpus([tmp_path / "a.txt"], cache_dir=cache).prepare(AS_IT_IS, None)
+    assert (tmp_path / "a.txt").read_text() == PLAY
+
+
 def test_one_path_given_alone_is_one_path_not_a_list_of_its_letters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where "." (one of the letters of "a.txt") would be the whole folder
     write_files(tmp_path, [("a.txt", PLAY), ("other.txt", "other text\n" * 50), ("val.txt", PLAY[:1000])])
