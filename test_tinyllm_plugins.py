@@ -803,6 +803,10 @@ def test_a_short_run_is_not_measured_and_a_broken_record_is_ignored(measured, tm
     assert trainer.train_model is trainer.eager_model and trainer.dtype == torch.float32
     assert len(calls) == 2 and "the run is too short to win back the time" in caplog.text
     assert tinyllm_hooks.compile_pays(relative_gain=0.5, remaining_seconds=100, compile_seconds=40)
+    (tmp_path / "measurements.json").unlink()
+    (tmp_path / "measurements.json").mkdir()  # not even a file: neither read nor written, and no error
+    tinyllm_hooks.write_measurements(tmp_path / "measurements.json", "some cpu", {"float32": 0.1})
+    assert tinyllm_hooks.read_measurements(tmp_path / "measurements.json") == {}
     assert not tinyllm_hooks.compile_pays(relative_gain=0.5, remaining_seconds=60, compile_seconds=40)
 
 

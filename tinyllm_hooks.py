@@ -240,7 +240,8 @@ def read_measurements(path: Path) -> dict:
 def write_measurements(path: Path, key: str, timings: dict) -> None:
     """Record `timings` under `key`, keeping the other keys' records."""
     records = {**read_measurements(path), key: timings}
-    with contextlib.suppress(OSError):  # only a cache: without it, a later run measures again
+    # Only a cache: where it cannot be written (a folder in its place, say), a later run measures again.
+    with contextlib.suppress(OSError, tinyllm.TinyLLMError):
         path.parent.mkdir(parents=True, exist_ok=True)
         with tinyllm.atomic_write(path, "w") as f:
             json.dump(records, f, indent=1)
