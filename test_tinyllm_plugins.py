@@ -930,9 +930,12 @@ def test_progress_lines_of_a_run_that_only_its_time_budget_ends(tmp_path, caplog
 
 
 def cli_args(args):
-    """On the CPU, and without compiling, since each test's shapes would compile anew."""
+    """On the CPU, without compiling (each test's shapes would compile anew), and where a new run trains
+    from flags alone, with samples of 40 tokens instead of 300 (quicker)."""
+    new_run = not {"--generate", "--evaluate", "--plot", "--quantize", "--resume", "--config",
+                   "--sample-length"} & set(map(str, args))
     return [*map(str, args), *([] if "--compile" in args or "--generate" in args else ["--no-compile"]),
-            *([] if "--device" in args else ["--device", "cpu"])]
+            *([] if "--device" in args else ["--device", "cpu"]), *(["--sample-length", "40"] * new_run)]
 
 
 @pytest.fixture

@@ -47,9 +47,9 @@ DEFAULT_DATA = (HERE / "data" if (HERE / "data").is_dir() else tinyllm_hooks.CAC
 # Command-line flags that set the TrainingConfig field of the same name, then the two that differ.
 CONFIG_FLAGS = {name: name for name in (
     "tokenizer", "vocab_size", "epochs", "max_steps", "time_budget", "batch_size", "learning_rate",
-    "max_context", "val_frequency", "checkpoint_frequency", "sample_frequency", "temperature",
-    "lowercase", "normalize_whitespace", "seed", "device", "dtype", "compile", "out_dir", "n_layer",
-    "n_head", "n_embd", "dropout", "init_from", "optimizer")}
+    "max_context", "val_frequency", "checkpoint_frequency", "sample_frequency", "sample_length",
+    "temperature", "lowercase", "normalize_whitespace", "seed", "device", "dtype", "compile", "out_dir",
+    "n_layer", "n_head", "n_embd", "dropout", "init_from", "optimizer")}
 CONFIG_FLAGS.update(size="model_size", metrics_csv="metrics_csv_enabled")
 # The library names a setting as `field` in its messages; here each becomes its flag.
 FLAG_OF = {field: f"--{flag.replace('_', '-')}" for flag, field in CONFIG_FLAGS.items()}
@@ -163,7 +163,8 @@ def output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace a training run already in --out-dir (with --quantize: an int8 file)")
     for flag, what in [("val-frequency", "validate every N steps"), ("checkpoint-frequency", "save last.pt "
-                       "every N steps"), ("sample-frequency", "log a sample every N steps")]:
+                       "every N steps"), ("sample-frequency", "log a sample every N steps"),
+                       ("sample-length", "tokens in each sample logged while training")]:
         g.add_argument(f"--{flag}", type=int, help=f"{what} (default: {default(flag.replace('-', '_'))})")
     g.add_argument("--metrics-csv", action=argparse.BooleanOptionalAction,
                    help="write metrics.csv (default: on)")
