@@ -983,7 +983,9 @@ def test_cli_training_writes_every_file(trained_run):
     vocab_size = len(set(prepare_text(PLAY)))
     assert 0 < summary["full_val_loss"] < 0.5 * math.log(vocab_size)  # well below uniform guessing
     assert summary["best_val_loss"] <= summary["final_val_loss"]
-    assert TrainingConfig.from_json(out / "config.json").max_context == 32
+    config = TrainingConfig.from_json(out / "config.json")
+    assert config.max_context == 32 and config.sample_length == 40  # --sample-length, from cli_args
+    assert len(summary["sample"]) == 40  # an empty prompt, then 40 characters
     assert tinyllm.load_tokenizer(out / "tokenizer.json").vocab_size == len(set(prepare_text(PLAY)))
     assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 4
     assert "=== step 20 ===" in (out / "samples.txt").read_text()
