@@ -935,7 +935,8 @@ def cli_args(args):
     new_run = not {"--generate", "--evaluate", "--plot", "--quantize", "--resume", "--config",
                    "--sample-length"} & set(map(str, args))
     return [*map(str, args), *([] if "--compile" in args or "--generate" in args else ["--no-compile"]),
-            *([] if "--device" in args else ["--device", "cpu"]), *(["--sample-length", "40"] * new_run)]
+            *([] if "--device" in args else ["--device", "cpu"]),
+            *(["--sample-length", "40"] if new_run else [])]
 
 
 @pytest.fixture

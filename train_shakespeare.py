@@ -515,11 +515,11 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
     if world.rank != 0:
         return
     processes = f" x {world.size} processes" if world.size > 1 else ""
-    compiled = "eager" if trainer.train_model is trainer.eager_model else "compiled"
+    step_kind = "eager" if trainer.train_model is trainer.eager_model else "compiled"
     print(f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide, context "
           f"{config.max_context}, batch {config.batch_size}{processes}, "
           f"{trainer.model.num_parameters():,} parameters, "
-          f"{trainer.device} {str(trainer.dtype).replace('torch.', '')} {compiled}: {rate:,.0f} tokens/s "
+          f"{trainer.device} {str(trainer.dtype).replace('torch.', '')} {step_kind}: {rate:,.0f} tokens/s "
           f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * meter.mfu(trainer, rate):.1f}% "
           f"of {meter.peak_flops / 1e12:.2f} TFLOP/s")
     if world.size == 1:
