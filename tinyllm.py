@@ -162,6 +162,11 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[typing.IO]:
         raise
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists: what creating `path` would meet first."""
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
 def read_json(path: PathLike, what: str) -> dict:
     """Read a JSON object from `path`, turning every way that can fail into a TinyLLMError."""
     try:
@@ -1402,7 +1407,7 @@ class RunDirectory:
         if self.path is None:
             return
         # Made only when the run opens, so that a run refused before (bad text, say) leaves no empty folder.
-        nearest = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        nearest = nearest_existing(self.path)
         if not nearest.is_dir():
             raise TinyLLMError(f"cannot create output directory {self.path}: {nearest} is not a directory")
         if (self.path / self.SET_ASIDE).is_dir() and self._lock():  # set aside by a run killed since

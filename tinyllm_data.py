@@ -477,7 +477,7 @@ class TokenFile:
             raise self.unwritable(e) from None
 
     def unwritable(self, error: OSError) -> TinyLLMError:
-        nearest = next(p for p in (self.folder, *self.folder.absolute().parents) if p.exists())
+        nearest = tinyllm.nearest_existing(self.folder)
         reason = f"{nearest} is a file, not a folder" if not nearest.is_dir() else error.strerror
         return TinyLLMError(f"cannot write the token cache in {self.folder} ({reason}); "
                             "give another folder with --token-cache")
