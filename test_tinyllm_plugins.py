@@ -1540,7 +1540,7 @@ def fail(trainer):
 
 if os.environ["RANK"] == "{rank}":  # in the middle of training, while the other waits in a collective
     tinyllm.Trainer._validate = fail
-sys.exit(train_shakespeare.main())
+sys.exit(train_shakespeare.command_line())
 """
 
 

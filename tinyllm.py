@@ -2087,4 +2087,4 @@ if __name__ == "__main__":  # `python -m tinyllm`: the command line, which train
         print("error: python -m tinyllm runs the command line in train_shakespeare.py; put that file "
               "beside tinyllm.py", file=sys.stderr)
         sys.exit(2)
-    sys.exit(importlib.import_module("train_shakespeare").main())
+    sys.exit(importlib.import_module("train_shakespeare").command_line())
