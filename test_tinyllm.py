@@ -1154,6 +1154,26 @@ def test_one_run_at_a_time_in_an_out_dir_and_no_temporary_file_left_behind(tmp_p
     tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True, overwrite=True).train()  # released
 
 
+def test_a_folder_or_file_where_the_run_keeps_the_other_is_one_line_and_the_earlier_run_stays(tmp_path):
+    tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True).train()
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / ".replaced").write_text("a note of the user's")  # where an earlier run is set aside
+    with pytest.raises(TinyLLMError) as error:
+        tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True, overwrite=True).train()
+    assert str(error.value) == (f"cannot use {out / '.replaced'} for the run (a file, where the run keeps a "
+                                "folder); move it away, or choose another `out_dir`")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        **before, ".replaced": b"a note of the user's"}
+    (out / ".replaced").unlink()
+    (out / ".tinyllm.lock").unlink()
+    (out / ".tinyllm.lock").mkdir()  # where a run takes its lock
+    with pytest.raises(TinyLLMError, match=r"cannot use .*\.tinyllm\.lock for the run \(a folder, where "):
+        tinyllm.Trainer(tiny_config(tmp_path, max_steps=2), PLAY, quiet=True, overwrite=True).train()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        name: data for name, data in before.items() if name != ".tinyllm.lock"}
+
+
 CORE_ALONE = """
 import sys
 import tinyllm

@@ -1410,9 +1410,10 @@ class RunDirectory:
         nearest = nearest_existing(self.path)
         if not nearest.is_dir():
             raise TinyLLMError(f"cannot create output directory {self.path}: {nearest} is not a directory")
-        if (self.path / self.SET_ASIDE).is_dir() and self._lock():  # set aside by a run killed since
-            self._put_back()
-            self._unlock()
+        with self._file_errors():
+            if (self.path / self.SET_ASIDE).is_dir() and self._lock():  # set aside by a run killed since
+                self._put_back()
+                self._unlock()
         existing = [f for f in self.FILES if (self.path / f).exists()]
         if existing and not (overwrite or resume):
             raise TinyLLMError(f"{self.path} already holds a training run ({', '.join(existing)}); pass "
@@ -1431,33 +1432,50 @@ class RunDirectory:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise TinyLLMError(f"cannot create output directory {self.path}: {e.strerror}") from None
-            if not self._lock():
-                raise TinyLLMError(f"{self.path} is in use by another training run (process "
-                                   f"{self.lock_holder}); wait for it to end, or choose another `out_dir`")
-            for tmp in self.path.glob(".*.tmp"):  # left by a process killed while writing
-                if any(tmp.name.startswith(f".{name}.") for name in self.FILES):
-                    tmp.unlink()
-            if (self.path / self.SET_ASIDE).is_dir():  # set aside by a run killed since
-                self._put_back()
-            samples = self.path / "samples.txt"
-            if resumed is not None:  # the steps after last.pt come again, with their rows and samples
-                drop_metrics_after(self.path / "metrics.csv", resumed.step)
-                if resumed.samples_bytes is not None and samples.exists() and \
-                        samples.stat().st_size > resumed.samples_bytes:
-                    os.truncate(samples, resumed.samples_bytes)
-            for name in () if resumed is not None else self.FILES:
-                if (self.path / name).exists():
-                    (self.path / self.SET_ASIDE).mkdir(exist_ok=True)
-                    os.replace(self.path / name, self.path / self.SET_ASIDE / name)
-                    self.replacing = True
-            self.handlers.append(logging.FileHandler(self.path / "tinyllm_training.log", encoding="utf-8"))
-            self.handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            self.metrics = MetricsLogger(self.path / "metrics.csv") if config.metrics_csv_enabled else None
-            config.to_json(self.path / "config.json")
-            tokenizer.save_state(self.path / "tokenizer.json")
+            with self._file_errors():  # a folder where a file of the run belongs, say
+                self._prepare_files(config, tokenizer, resumed)
         for handler in self.handlers:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+    def _prepare_files(self, config: TrainingConfig, tokenizer: Tokenizer,
+                       resumed: Optional[RunState]) -> None:
+        """Take the lock, set an earlier run aside (or trim a resumed one), open the logs, write the files."""
+        if not self._lock():
+            raise TinyLLMError(f"{self.path} is in use by another training run (process "
+                               f"{self.lock_holder}); wait for it to end, or choose another `out_dir`")
+        for tmp in self.path.glob(".*.tmp"):  # left by a process killed while writing
+            if any(tmp.name.startswith(f".{name}.") for name in self.FILES):
+                tmp.unlink()
+        if (self.path / self.SET_ASIDE).is_dir():  # set aside by a run killed since
+            self._put_back()
+        samples = self.path / "samples.txt"
+        if resumed is not None:  # the steps after last.pt come again, with their rows and samples
+            drop_metrics_after(self.path / "metrics.csv", resumed.step)
+            if resumed.samples_bytes is not None and samples.exists() and \
+                    samples.stat().st_size > resumed.samples_bytes:
+                os.truncate(samples, resumed.samples_bytes)
+        for name in () if resumed is not None else self.FILES:
+            if (self.path / name).exists():
+                (self.path / self.SET_ASIDE).mkdir(exist_ok=True)
+                os.replace(self.path / name, self.path / self.SET_ASIDE / name)
+                self.replacing = True
+        self.handlers.append(logging.FileHandler(self.path / "tinyllm_training.log", encoding="utf-8"))
+        self.handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.metrics = MetricsLogger(self.path / "metrics.csv") if config.metrics_csv_enabled else None
+        config.to_json(self.path / "config.json")
+        tokenizer.save_state(self.path / "tokenizer.json")
+
+    @contextlib.contextmanager
+    def _file_errors(self) -> Iterator[None]:
+        """An OSError in the out-dir as one line that names the path it met and what to do."""
+        try:
+            yield
+        except OSError as e:
+            what = {IsADirectoryError: "a folder, where the run keeps a file",
+                    FileExistsError: "a file, where the run keeps a folder"}.get(type(e), e.strerror)
+            raise TinyLLMError(f"cannot use {e.filename or self.path} for the run ({what}); move it away, or "
+                               "choose another `out_dir`") from None
 
     def _lock(self) -> bool:
         """One run per out-dir: take an OS lock, which the kernel releases when the process ends (even
