@@ -916,6 +916,24 @@ def test_a_budgeted_run_on_a_gpu_gets_a_batch_and_context_that_fill_it():
     assert tinyllm_hooks.fill_the_device(small, both) == ({}, "GT (4 GiB): batch and context as set")
 
 
+def test_a_run_that_memorised_its_text_ends_with_a_note_of_what_helps(caplog):
+    caplog.set_level("INFO", logger="tinyllm")
+
+    def run(best, last, dropout):  # a run's end, as the trainer leaves it
+        state = tinyllm.RunState(step=615, best_val_loss=best, last_val_loss=last)
+        trainer = types.SimpleNamespace(state=state, config=TrainingConfig(dropout=dropout, out_dir=None),
+                                        best_step=300, steps_per_epoch=43)
+        caplog.clear()
+        tinyllm_hooks.MemorisingNote().on_end(trainer, {})
+        return caplog.text
+    assert "the validation loss was lowest at step 300 (epoch 7.0: 1.5401) and 2.0436 at the end: the " \
+        "model memorised the text after that step, whose weights are scored; with `dropout` 0.2, or a " \
+        "smaller model, it would learn more" in run(1.5401, 2.0436, 0.0)  # the README's 100,000 characters
+    assert "with more `dropout` than 0.2, or a smaller model" in run(1.5401, 2.0436, 0.2)
+    assert run(1.5401, 1.5401, 0.0) == run(1.5401, 1.6, 0.0) == ""  # ended at its best, or near it
+    assert any(isinstance(c, tinyllm_hooks.MemorisingNote) for c in tinyllm_hooks.standard_callbacks())
+
+
 def test_progress_lines_of_a_run_that_only_its_time_budget_ends(tmp_path, caplog):
     caplog.set_level("INFO", logger="tinyllm")
     config = tiny_config(tmp_path, time_budget=1.5, val_frequency=10**6)
