@@ -994,7 +994,7 @@ def test_cli_training_writes_every_file(trained_run):
                 "metrics.csv", "samples.txt", "summary.json"}
     assert expected <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("best_val_loss", "final_val_loss", "full_val_loss", "steps", "epochs_completed",
+    for key in ("best_val_loss", "best_step", "final_val_loss", "full_val_loss", "steps", "epochs_completed",
                 "tokens_seen", "tokens_per_second", "elapsed_seconds", "parameters", "device",
                 "dtype", "stopped_because"):
         assert key in summary
@@ -1006,7 +1006,9 @@ def test_cli_training_writes_every_file(trained_run):
     assert config.max_context == 32 and config.sample_length == 40  # --sample-length, from cli_args
     assert len(summary["sample"]) == 40  # an empty prompt, then 40 characters
     assert tinyllm.load_tokenizer(out / "tokenizer.json").vocab_size == len(set(prepare_text(PLAY)))
-    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 4
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    best_row = min(rows, key=lambda row: float(row["val_loss"]))
+    assert len(rows) == 4 and int(best_row["step"]) == summary["best_step"]  # the weights scored
     assert "=== step 20 ===" in (out / "samples.txt").read_text()
     assert "step 40" in (out / "tinyllm_training.log").read_text()
     # No terminal, so no progress bar: progress lines at 1%, 10%, 25%, 50%, 75% and 90% of the run.
@@ -1341,7 +1343,8 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights(tmp_path,
     assert a.step == b.step == 80, f"killed at step {killed_at}"
     for name, tensor in a.model.state_dict().items():
         assert torch.equal(tensor, b.model.state_dict()[name]), f"{name} differs (killed at step {killed_at})"
-    for key in ("full_val_loss", "best_val_loss", "final_val_loss", "steps", "tokens_seen", "sample"):
+    for key in ("full_val_loss", "best_val_loss", "best_step", "final_val_loss", "steps", "tokens_seen",
+                "sample"):
         assert json.loads((cut / "summary.json").read_text())[key] == \
             json.loads((tmp_path / "whole" / "summary.json").read_text())[key]
     rows = [[(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(open(d / "metrics.csv"))]

@@ -2081,8 +2081,8 @@ class Trainer:
                                       progress=self.evaluation_progress)
         sample = self._sample(f"the end, from the best model (step {self.best_step})")
         tokens_per_second = (state.tokens_seen - self.clock.untimed_tokens) / max(train_seconds, 1e-9)
-        summary = {"best_val_loss": state.best_val_loss, "final_val_loss": state.last_val_loss,
-                   "full_val_loss": full_val_loss,
+        summary = {"best_val_loss": state.best_val_loss, "best_step": self.best_step,
+                   "final_val_loss": state.last_val_loss, "full_val_loss": full_val_loss,
                    "full_val_bits_per_char": bits_per_char(full_val_loss, len(self.val_ids), val_chars),
                    "full_val_tokens": self.full_val_tokens,
                    "steps": state.step, "epochs_completed": state.epoch, "tokens_seen": state.tokens_seen,

@@ -41,8 +41,9 @@ import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"full_val_loss {s['full_val_loss']:.4f}, {s['tokens_per_second']:,.0f} tokens/s, "
       f"MFU {100 * s.get('mfu', 0):.1f}%, {s['elapsed_seconds']:.0f} s, {s['steps']} steps, "
-      f"stopped by {s['stopped_because']}, dtype {s['dtype']}")
+      f"stopped by {s['stopped_because']}, dtype {s['dtype']}; best at step {s['best_step']}")
 PY
+grep -h "memorised the text" "$out/tinyllm_training.log" | sed 's/^.* INFO //'  # where the run memorised
 
 echo "== generation benchmark: the model just trained, 1,000 tokens"
 "$python" train_shakespeare.py --generate --benchmark --checkpoint "$out/best.pt" --num-chars 1000
