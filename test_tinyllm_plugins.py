@@ -919,10 +919,10 @@ def test_a_budgeted_run_on_a_gpu_gets_a_batch_and_context_that_fill_it():
 def test_a_run_that_memorised_its_text_ends_with_a_note_of_what_helps(caplog):
     caplog.set_level("INFO", logger="tinyllm")
 
-    def run(best, last, dropout):  # a run's end, as the trainer leaves it
+    def run(best, last, dropout, init_from=None):  # a run's end, as the trainer leaves it
         state = tinyllm.RunState(step=615, best_val_loss=best, last_val_loss=last)
-        trainer = types.SimpleNamespace(state=state, config=TrainingConfig(dropout=dropout, out_dir=None),
-                                        best_step=300, steps_per_epoch=43)
+        config = TrainingConfig(dropout=dropout, init_from=init_from, out_dir=None)
+        trainer = types.SimpleNamespace(state=state, config=config, best_step=300, steps_per_epoch=43)
         caplog.clear()
         tinyllm_hooks.MemorisingNote().on_end(trainer, {})
         return caplog.text
@@ -930,6 +930,7 @@ def test_a_run_that_memorised_its_text_ends_with_a_note_of_what_helps(caplog):
         "model memorised the text after that step, whose weights are scored; with `dropout` 0.2, or a " \
         "smaller model, it would learn more" in run(1.5401, 2.0436, 0.0)  # the README's 100,000 characters
     assert "with more `dropout` than 0.2, or a smaller model" in run(1.5401, 2.0436, 0.2)
+    assert "scored; fewer steps (`max_steps`) would end the run there sooner" in run(1.57, 1.9, 0.0, "a.pt")
     assert run(1.5401, 1.5401, 0.0) == run(1.5401, 1.6, 0.0) == ""  # ended at its best, or near it
     assert any(isinstance(c, tinyllm_hooks.MemorisingNote) for c in tinyllm_hooks.standard_callbacks())
 

@@ -597,15 +597,18 @@ class MemorisingNote(tinyllm.Callback):
     RISE = 0.1  # nats per token above the best: far more than validations differ by chance
 
     def on_end(self, trainer: tinyllm.Trainer, summary: dict) -> None:
-        state, dropout = trainer.state, trainer.config.dropout
+        state, c = trainer.state, trainer.config
         if not state.last_val_loss > state.best_val_loss + self.RISE:
             return
-        more = "`dropout` 0.2" if dropout == 0 else f"more `dropout` than {dropout:g}"
+        if c.init_from:  # a fine-tuned model keeps its checkpoint's shape and dropout
+            what_helps = "fewer steps (`max_steps`) would end the run there sooner"
+        else:
+            more = "`dropout` 0.2" if c.dropout == 0 else f"more `dropout` than {c.dropout:g}"
+            what_helps = f"with {more}, or a smaller model, it would learn more from a text this small"
         logger.info("the validation loss was lowest at step %d (epoch %.1f: %.4f) and %.4f at the end: the "
-                    "model memorised the text after that step, whose weights are scored; with %s, or a "
-                    "smaller model, it would learn more from a text this small", trainer.best_step,
-                    trainer.best_step / trainer.steps_per_epoch, state.best_val_loss, state.last_val_loss,
-                    more)
+                    "model memorised the text after that step, whose weights are scored; %s",
+                    trainer.best_step, trainer.best_step / trainer.steps_per_epoch, state.best_val_loss,
+                    state.last_val_loss, what_helps)
 
 
 # ----------------------------------------------------------------------------------------------
