@@ -24,7 +24,10 @@ if [ -z "$data" ]; then
 fi
 
 echo "== test suite"
-if "$python" -c 'import pytest, hypothesis' 2>/dev/null; then
+if [ "${GPU_CHECK_SUITE:-1}" = 0 ]; then  # for a second run that tries a variant
+    echo "skipped: GPU_CHECK_SUITE=0"
+    suite=0
+elif "$python" -c 'import pytest, hypothesis' 2>/dev/null; then
     "$python" -m pytest -p no:warnings -rs  # quiet already (setup.cfg); once more would hide the count
     suite=$?
 else
@@ -32,9 +35,11 @@ else
     suite=0
 fi
 
-echo "== 180-s run: --size medium on raw Tiny Shakespeare ($data)"
+# GPU_CHECK_TRAIN_FLAGS adds flags to this run, to try a variant: GPU_CHECK_TRAIN_FLAGS="--dropout 0.3"
+read -r -a variant <<< "${GPU_CHECK_TRAIN_FLAGS:-}"
+echo "== 180-s run: --size medium ${GPU_CHECK_TRAIN_FLAGS:+$GPU_CHECK_TRAIN_FLAGS }on raw Tiny Shakespeare ($data)"
 "$python" train_shakespeare.py --data "$data" --size medium --time-budget 180 --out-dir "$out" --overwrite \
-    --quiet
+    --quiet ${variant[@]+"${variant[@]}"}
 run=$?
 "$python" - "$out/summary.json" <<'PY'
 import json, sys
