@@ -902,6 +902,38 @@ def test_without_matplotlib_a_run_says_how_to_get_the_plot_and_finishes(tmp_path
     assert "tinyllm[plot]" in caplog.text
 
 
+FAKE_PYTHON = """#!/bin/sh
+echo "$*" | tr '\\n' ' ' >> "$CALLS" && echo >> "$CALLS"  # a call a line
+case "$*" in *summary.json*) cat > /dev/null; echo "full_val_loss 1.4625, best at step 500";; esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the GPU check is a bash script")
+def test_the_gpu_check_runs_each_part_and_a_variant_without_the_suite(tmp_path):
+    """Its steps in order, through a stand-in for python that logs its arguments (no GPU needed)."""
+    (tmp_path / "python").write_text(FAKE_PYTHON)
+    (tmp_path / "python").chmod(0o755)
+    (tmp_path / "text.txt").write_text(PLAY)
+
+    def check(**env):
+        calls = tmp_path / f"calls{len(env)}.txt"
+        env = {**os.environ, "PYTHON": str(tmp_path / "python"), "CALLS": str(calls),
+               "TINYLLM_DATA": str(tmp_path / "text.txt"), "GPU_CHECK_OUT": str(tmp_path / "out"), **env}
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout, [line.split()[0] for line in calls.read_text().splitlines()], calls.read_text()
+    out, programs, calls = check()  # the device, pytest's check, the suite, training, its summary, generation
+    assert programs == ["-c", "-c", "-m", "train_shakespeare.py", "-", "train_shakespeare.py"]
+    assert f"--data {tmp_path / 'text.txt'} --size medium --time-budget 180" in calls
+    assert "--generate --benchmark" in calls
+    assert "full_val_loss 1.4625, best at step 500" in out
+    out, programs, calls = check(GPU_CHECK_SUITE="0", GPU_CHECK_TRAIN_FLAGS="--dropout 0.3")
+    assert "skipped: GPU_CHECK_SUITE=0" in out and "-m" not in programs
+    assert "--quiet --dropout 0.3 \n" in calls  # the variant's flags, last on the training command
+    assert "== 180-s run: --size medium --dropout 0.3 on raw Tiny Shakespeare" in out
+
+
 def test_a_budgeted_run_on_a_gpu_gets_a_batch_and_context_that_fill_it():
     h200 = tinyllm_hooks.DeviceDescription("NVIDIA H200", 139.8)
     small = tinyllm_hooks.DeviceDescription("GT", 4)
