@@ -520,7 +520,7 @@ def benchmark(args: argparse.Namespace, world: tinyllm.World) -> None:
     print(f"{config.n_layer} layers x {config.n_head} heads x {config.n_embd} wide, context "
           f"{config.max_context}, batch {config.batch_size}{processes}, "
           f"{trainer.model.num_parameters():,} parameters, "
-          f"{trainer.device} {str(trainer.dtype).replace('torch.', '')} {step_kind}: {rate:,.0f} tokens/s "
+          f"{trainer.device} {str(trainer.dtype).removeprefix('torch.')} {step_kind}: {rate:,.0f} tokens/s "
           f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}), MFU {100 * meter.mfu(trainer, rate):.1f}% "
           f"of {meter.peak_flops / 1e12:.2f} TFLOP/s")
     if world.size == 1:
