@@ -431,9 +431,12 @@ def test_the_token_cache_is_hit_then_invalidated_by_a_changed_file_tokenizer_or_
     assert "is damaged" in caplog.text
     meta = json.loads(entry.read_text())
     train_file = tmp_path / "tokens" / f"{meta['files']}.train"
-    train_file.write_bytes(train_file.read_bytes()[:-1])  # a token file cut short
-    again, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
-    assert report["tokens"].startswith("tokenized in ") and again.sha256 == lowered.sha256
+    ids = train_file.read_bytes()
+    for damage in (ids[:-1], ids[1:] + ids[:1]):  # a token file cut short; its ids changed, each one valid
+        train_file.write_bytes(damage)
+        again, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
+        assert report["tokens"].startswith("tokenized in ") and again.sha256 == lowered.sha256
+        assert train_file.read_bytes() == ids
 
 
 def test_large_texts_are_encoded_in_pieces_and_bpe_fits_on_a_bounded_sample(tmp_path, monkeypatch):

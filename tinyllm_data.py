@@ -407,6 +407,8 @@ class TokenFile:
             train, val = (self._mapped(v, meta[f"{'val' if v else 'train'}_tokens"]) for v in (False, True))
             if int(max(train.max(), val.max())) >= tokenizer.vocab_size:
                 raise ValueError("a token id past the vocabulary")
+            if tinyllm.ids_sha256(train, val) != meta["sha256"]:  # 17 ms a million tokens, here
+                raise ValueError("its token ids differ from those it was written with")
             self.meta = meta
             self.report = {**meta["report"], "tokens": f"from the token cache, {self.meta_path}"}
             return tinyllm.TokenData(tokenizer, train, val, tuple(meta["chars"]), meta["val_chars"],
