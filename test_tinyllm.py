@@ -551,16 +551,22 @@ def test_full_evaluation_scores_every_validation_token_once():
 
 
 def test_a_resumed_runs_metrics_lose_the_steps_it_retakes_and_a_broken_file_is_refused_untouched(tmp_path):
-    path = tmp_path / "metrics.csv"
+    path, columns = tmp_path / "metrics.csv", ("step", "train_loss")
     path.write_text("step,train_loss\n10,3.0\n20,2.5\n30,2.0\n")
-    tinyllm.drop_metrics_after(path, 20)
+    tinyllm.drop_metrics_after(path, 20, columns)
     assert path.read_text() == "step,train_loss\n10,3.0\n20,2.5\n"
     for broken, message in [("step,train_loss\nten,3.0\n", "is malformed .*'ten'"),
-                            ("step,train_loss\n" + "1" * 200_000 + ",3.0\n", r"is malformed \(field larger")]:
+                            ("step,train_loss\n" + "1" * 200_000 + ",3.0\n", r"is malformed \(field larger"),
+                            ("step,loss\n10,3.0\n", r"is malformed \(its columns are step,loss, not"),
+                            ("step,train_loss\n10,3.0,2.9\n", "is malformed .*a row without one value for"),
+                            ("step,train_loss\n10\n", "is malformed .*a row without one value for")]:
         path.write_text(broken)
         with pytest.raises(TinyLLMError, match=f"metrics.csv {message}.*; move it away to resume"):
-            tinyllm.drop_metrics_after(path, 20)
+            tinyllm.drop_metrics_after(path, 20, columns)
         assert path.read_text() == broken
+    path.write_text("step,train_loss\n10,3.0\n")  # not the columns of the core's metrics.csv, the default
+    with pytest.raises(TinyLLMError, match=r"its columns are step,train_loss, not step,epoch,train_loss,"):
+        tinyllm.drop_metrics_after(path, 20)
     path.unlink()
     path.mkdir()
     with pytest.raises(TinyLLMError, match=r"cannot read .*metrics.csv \(Is a directory\); move it away"):

@@ -883,7 +883,8 @@ def test_a_hand_edited_steps_csv_is_kept_aside_when_the_run_resumes(tmp_path, ca
     out, where = tmp_path / "out", TrainingConfig(out_dir=config.out_dir, device="cpu", compile=False)
     kept = []
     for stop_at, steps in ((22, range(16, 23)), (None, range(23, 31))):  # stopped at 15, then at 22
-        kept.append((out / "steps.csv").read_text().replace(f"\n{steps[0] - 1},", "\nabc,"))  # hand-edited
+        edit = (f"\n{steps[0] - 1},", "\nabc,") if stop_at else ("step,train_loss,", "step,loss,")
+        kept.append((out / "steps.csv").read_text().replace(*edit))  # a row hand-edited, then the header
         (out / "steps.csv").write_text(kept[-1])
         callbacks = [tinyllm_hooks.LossPlot()] + ([StopAt(stop_at)] if stop_at else [])
         tinyllm.Trainer(where, PLAY, quiet=True, resume=True, callbacks=callbacks).train()

@@ -1092,21 +1092,25 @@ class MetricsLogger:
         self.file.close()
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Remove the rows of a CSV file with a `step` column (metrics.csv, a plug-in's) logged after
-    `step`: a resumed run logs those steps again."""
+def drop_metrics_after(path: Path, step: int, columns: Sequence[str] = MetricsLogger.COLUMNS) -> None:
+    """Remove the rows of a CSV file of `columns`, the first `step` (metrics.csv, a plug-in's), logged
+    after `step`: a resumed run logs those steps again. Other columns are refused: rows would not fit."""
     if not path.exists():
         return
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
+            if reader.fieldnames is not None and reader.fieldnames != list(columns):
+                raise ValueError(f"its columns are {','.join(reader.fieldnames)}, not {','.join(columns)}")
             rows = [row for row in reader if int(row["step"]) <= step]
+            if any(None in row or None in row.values() for row in rows):  # too many fields, or too few
+                raise ValueError(f"a row without one value for each of {','.join(columns)}")
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as e:
         raise TinyLLMError(f"{path} is malformed ({e}); move it away to resume") from None
     except OSError as e:  # a folder, say
         raise TinyLLMError(f"cannot read {path} ({e.strerror}); move it away to resume") from None
     with atomic_write(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=reader.fieldnames or MetricsLogger.COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 

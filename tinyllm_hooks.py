@@ -616,6 +616,7 @@ class MemorisingNote(tinyllm.Callback):
 
 
 STEPS_CSV = "steps.csv"  # every step's training loss and learning rate, written by LossPlot
+STEPS_COLUMNS = ("step", "train_loss", "learning_rate")
 
 
 def read_rows(path: Path, columns: tuple) -> list:
@@ -654,7 +655,7 @@ def plot_losses(out_dir: tinyllm.PathLike, summary: Optional[dict] = None) -> Pa
     if not validations:
         raise tinyllm.TinyLLMError(f"{out_dir / 'metrics.csv'} has no rows yet; a run logs one at each "
                                    "validation")
-    steps = read_rows(out_dir / STEPS_CSV, ("step", "train_loss", "learning_rate")) if (
+    steps = read_rows(out_dir / STEPS_CSV, STEPS_COLUMNS) if (
         out_dir / STEPS_CSV).exists() else []
     steps = steps or [(s, t, lr) for s, t, _, lr in validations]  # from a run before steps.csv, or of 0 steps
     figure = Figure(figsize=(8, 4.5), layout="tight")
@@ -716,14 +717,14 @@ class LossPlot(tinyllm.Callback):
         resumed = trainer.run_dir.writes and trainer.resumed_at is not None
         if resumed and path.exists() and path.stat().st_size:
             try:
-                tinyllm.drop_metrics_after(path, trainer.resumed_at)  # the steps after last.pt come again
+                tinyllm.drop_metrics_after(path, trainer.resumed_at, STEPS_COLUMNS)  # those steps come again
                 return
             except tinyllm.TinyLLMError:  # hand-edited, say: kept as it is, and a new one started below
                 kept = keep_aside(path)
                 logger.warning("%s is malformed (not rows of step, train_loss and learning_rate), so it is "
                                "kept as %s, and a new %s starts after step %d", path, kept.name, STEPS_CSV,
                                trainer.resumed_at)
-        trainer.run_dir.write(STEPS_CSV, "step,train_loss,learning_rate\n")
+        trainer.run_dir.write(STEPS_CSV, ",".join(STEPS_COLUMNS) + "\n")
 
     def on_step_end(self, trainer: tinyllm.Trainer) -> None:
         self.pending.append((trainer.state.step, trainer.state.recent_losses[-1], trainer.lr))
