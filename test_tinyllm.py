@@ -908,6 +908,21 @@ def test_resuming_keeps_the_time_already_spent_and_refuses_other_text(tmp_path):
                         resume=True)
 
 
+def test_a_damaged_best_pt_is_refused_on_resume_and_without_it_the_next_validation_is_the_best(tmp_path):
+    config = tiny_config(tmp_path, max_steps=40, checkpoint_frequency=10)
+    tinyllm.Trainer(config, PLAY, quiet=True, callbacks=[StopAt(20)]).train()
+    out, where = tmp_path / "out", TrainingConfig(out_dir=config.out_dir, compile=False, device="cpu")
+    (out / "best.pt").write_bytes((out / "best.pt").read_bytes()[:3000])  # cut short
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(TinyLLMError, match=r"best.pt cannot be loaded safely: .*; move it away to resume"):
+        tinyllm.Trainer(where, PLAY, quiet=True, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "best.pt").unlink()
+    summary = tinyllm.Trainer(where, PLAY, quiet=True, resume=True).train()
+    best = tinyllm.load_checkpoint(out / "best.pt")
+    assert summary["best_step"] == best.step > 20 and summary["best_val_loss"] == best.best_val_loss
+
+
 class CrashAt(tinyllm.Callback):
     """Ends the run at `step` as a crash or kill -9 would: nothing after the latest last.pt is saved."""
 

@@ -1873,11 +1873,17 @@ class Trainer:
         if saved.training_state.get("data_sha256") != self.state.data_sha256:
             raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained "
                                "on; pass the same `text` to resume it")
-        if (self.run_dir.path / "best.pt").is_file():  # first: building its model draws random numbers
-            best = load_checkpoint(self.run_dir.path / "best.pt", self.device)
+        best_path = self.run_dir.path / "best.pt"
+        if best_path.is_file():  # first: building its model draws random numbers
+            try:
+                best = load_checkpoint(best_path, self.device)
+            except TinyLLMError as e:
+                raise TinyLLMError(f"{e}; move it away to resume without it") from None
             self.best_weights, self.best_step = best.model.state_dict(), best.step
         try:
             self.state = RunState.from_checkpoint(saved, self.device)
+            if self.best_weights is None:  # best.pt is gone: the next validation's weights are the best kept
+                self.state.best_val_loss = math.inf
             self.optimizer.load_state_dict(saved.optimizer_state)
             self.scaler.load_state_dict(self.state.scaler)
             self.state.restore_rng()  # last, so that nothing draws from them before training does
