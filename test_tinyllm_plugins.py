@@ -811,6 +811,9 @@ def test_a_short_run_is_not_measured_and_a_broken_record_is_ignored(measured, tm
     tinyllm_hooks.write_measurements(tmp_path / "measurements.json", "some cpu", {"float32": 0.1})
     assert tinyllm_hooks.read_measurements(tmp_path / "measurements.json") == {}
     assert not tinyllm_hooks.compile_pays(relative_gain=0.5, remaining_seconds=60, compile_seconds=40)
+    for value in ("Infinity", "NaN", "-1", "0", "true"):  # JSON that Python reads as a number, each unusable
+        (tmp_path / f"{value}.json").write_text(f'{{"some cpu": {{"float32": 0.1, "peak": {value}}}}}')
+        assert tinyllm_hooks.read_measurements(tmp_path / f"{value}.json") == {}
 
 
 def test_flops_per_token_counts_matrix_weights_six_times():

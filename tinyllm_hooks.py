@@ -233,7 +233,7 @@ def read_measurements(path: Path) -> dict:
     with contextlib.suppress(OSError, ValueError, RecursionError):
         records = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(records, dict) and all(isinstance(r, dict) and all(
-                type(v) in (int, float) and v > 0 for v in r.values()) for r in records.values()):
+                type(v) in (int, float) and 0 < v < math.inf for v in r.values()) for r in records.values()):
             return records
     return {}
 
