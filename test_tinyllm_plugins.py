@@ -856,6 +856,10 @@ def test_loss_plot_is_drawn_from_the_metrics(tmp_path):
     (tmp_path / "metrics.csv").write_text(header + "1" * 200_000 + ",0.5,3.1,3.0,0.001,100,1\n")
     with pytest.raises(TinyLLMError, match=r"metrics.csv is malformed \(field larger than field limit"):
         tinyllm_hooks.plot_losses(tmp_path)
+    renamed = header.replace("train_loss", "loss")
+    (tmp_path / "metrics.csv").write_text(renamed + "10,0.5,3.1,3.0,0.001,100,1\n")
+    with pytest.raises(TinyLLMError, match=r"metrics.csv is malformed \(it has no train_loss column\)$"):
+        tinyllm_hooks.plot_losses(tmp_path)
     (tmp_path / "metrics.csv").unlink()
     (tmp_path / "metrics.csv").mkdir()
     with pytest.raises(TinyLLMError, match=r"cannot read .*metrics.csv \(Is a directory\)"):

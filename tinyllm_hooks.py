@@ -626,7 +626,9 @@ def read_rows(path: Path, columns: tuple) -> list:
             return [tuple(float(row[name]) for name in columns) for row in csv.DictReader(f)]
     except FileNotFoundError:
         raise tinyllm.TinyLLMError(f"{path} does not exist; point --out-dir at a training run") from None
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as e:
+    except KeyError as e:
+        raise tinyllm.TinyLLMError(f"{path} is malformed (it has no {e.args[0]} column)") from None
+    except (TypeError, ValueError, UnicodeDecodeError, csv.Error) as e:
         raise tinyllm.TinyLLMError(f"{path} is malformed ({e})") from None
     except OSError as e:  # a folder, say
         raise tinyllm.TinyLLMError(f"cannot read {path} ({e.strerror})") from None
