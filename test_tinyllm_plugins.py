@@ -418,6 +418,9 @@ def test_the_token_cache_is_hit_then_invalidated_by_a_changed_file_tokenizer_or_
     assert grown.added_tokens == changed.tokenizer.vocab_size - 3
     bpe, report = corpus_data([tmp_path / "docs"], tmp_path, dataclasses.replace(AS_IT_IS, tokenizer="bpe"))
     assert report["tokens"].startswith("tokenized in ") and bpe.tokenizer.type_name == "bpe"
+    assert bpe.train_ids.dtype == torch.uint16  # more than 256 tokens
+    again, report = corpus_data([tmp_path / "docs"], tmp_path, dataclasses.replace(AS_IT_IS, tokenizer="bpe"))
+    assert report["tokens"].startswith("from the token cache, ") and again.sha256 == bpe.sha256
     lowercase = dataclasses.replace(AS_IT_IS, lowercase=True)
     lowered, report = corpus_data([tmp_path / "docs"], tmp_path, lowercase)
     assert report["tokens"].startswith("tokenized in ") and "Q" not in lowered.tokenizer.chars

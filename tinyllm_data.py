@@ -405,7 +405,8 @@ class TokenFile:
             check_fields(meta)
             tokenizer = tinyllm.Tokenizer.from_state(meta["tokenizer"], str(self.meta_path))
             train, val = (self._mapped(v, meta[f"{'val' if v else 'train'}_tokens"]) for v in (False, True))
-            if int(max(train.max(), val.max())) >= tokenizer.vocab_size:
+            # NumPy's max: torch has none for uint16 or uint32 tensors (vocabularies over 256 tokens)
+            if max(int(ids.numpy().max()) for ids in (train, val)) >= tokenizer.vocab_size:
                 raise ValueError("a token id past the vocabulary")
             if tinyllm.ids_sha256(train, val) != meta["sha256"]:  # 17 ms a million tokens, here
                 raise ValueError("its token ids differ from those it was written with")
