@@ -1242,6 +1242,18 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
     torch.save(saved, tmp_path / "double.pt")
     with pytest.raises(TinyLLMError, match="double.pt is inconsistent .*lm_head.weight is torch.float64"):
         tinyllm.load_checkpoint(tmp_path / "double.pt")
+    edits = [(lambda s: s.update(version=2),
+              r"has format version 2, and this tinyllm .* reads version 1; load it with the tinyllm"),
+             (lambda s: s.update(step="two"),
+              r"is inconsistent \(step and epoch must be whole numbers and best_val_loss a number, got"),
+             (lambda s: s["model"].update({"lm_head.weight": torch.zeros(3, 3)}),
+              r"is inconsistent \(.* size mismatch for lm_head.weight: .* torch.Size\(\[3, 3\]\)")]
+    for edit, message in edits:
+        saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+        edit(saved)
+        torch.save(saved, tmp_path / "edited.pt")
+        with pytest.raises(TinyLLMError, match=f"^checkpoint .*edited.pt {message}"):
+            tinyllm.load_checkpoint(tmp_path / "edited.pt")
     saved = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
     saved["training_state"]["epoch_rng_state"] = "not a generator state"
     torch.save(saved, tmp_path / "rng.pt")

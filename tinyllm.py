@@ -1173,7 +1173,14 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         raise TinyLLMError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != "tinyllm-checkpoint":
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint")
+    if state.get("version") != 1:  # every checkpoint so far; a later format may mean other things
+        raise TinyLLMError(f"checkpoint {path} has format version {state.get('version')!r}, and this "
+                           f"tinyllm {__version__} reads version 1; load it with the tinyllm that wrote it")
     try:
+        counts, best = (state["step"], state["epoch"]), state["best_val_loss"]
+        if not all(type(n) is int and n >= 0 for n in counts) or type(best) is not float or math.isnan(best):
+            raise TypeError(f"step and epoch must be whole numbers and best_val_loss a number, got "
+                            f"{[*counts, best]!r:.80}")
         config = TrainingConfig.from_checkpoint(state["config"], source=f"checkpoint {path}")
         tokenizer = Tokenizer.from_state(state["tokenizer"], f"checkpoint {path}")
         # Checkpoints written before the token shift or the attention gates existed have neither.
@@ -1188,7 +1195,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
             raise TypeError(f"weights of the wrong type: {', '.join(wrong[:3])}")
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise TinyLLMError(f"checkpoint {path} is inconsistent ({str(e).splitlines()[0][:200]})") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines())  # torch's first line names no weight
+        raise TinyLLMError(f"checkpoint {path} is inconsistent ({detail[:300]})") from None
     weights = [weight for weight in model.state_dict().values() if weight.is_floating_point()]
     if not all(torch.isfinite(weight).all() for weight in weights):
         raise TinyLLMError(f"checkpoint {path} holds NaN or infinite weights; use an earlier checkpoint")
