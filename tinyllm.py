@@ -1155,9 +1155,8 @@ def save_checkpoint(path: PathLike, model: TransformerModel,
         torch.save(state, f)
 
 
-def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
-    """Load a checkpoint safely (weights_only: no pickled code runs) and rebuild model and tokenizer."""
-    device = resolve_device(str(device))  # checked first: the file is not to blame
+def read_checkpoint(path: PathLike) -> dict:
+    """A checkpoint file's contents, read safely (weights_only: no pickled code runs), on the CPU."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # moved to `device` once checked
     except FileNotFoundError:
@@ -1176,6 +1175,13 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
     if state.get("version") != 1:  # every checkpoint so far; a later format may mean other things
         raise TinyLLMError(f"checkpoint {path} has format version {state.get('version')!r}, and this "
                            f"tinyllm {__version__} reads version 1; load it with the tinyllm that wrote it")
+    return state
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Checkpoint:
+    """Load a checkpoint safely and rebuild its model and tokenizer, every part checked."""
+    device = resolve_device(str(device))  # checked first: the file is not to blame
+    state = read_checkpoint(path)
     try:
         counts, best = (state["step"], state["epoch"]), state["best_val_loss"]
         if not all(type(n) is int and n >= 0 for n in counts) or type(best) is not float or math.isnan(best):
