@@ -584,6 +584,12 @@ def test_training_drives_the_loss_down(tmp_path, optimizer):
     assert summary["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows), abs=1e-4)
 
 
+def test_the_smallest_model_trains_and_samples(tmp_path):
+    config = tiny_config(tmp_path, n_layer=1, n_head=1, n_embd=2, max_context=1, max_steps=3)
+    summary = tinyllm.Trainer(config, PLAY, quiet=True).train()  # Muon, on a feed-forward 16 wide
+    assert summary["steps"] == 3 and math.isfinite(summary["full_val_loss"]) and len(summary["sample"]) == 20
+
+
 @pytest.mark.parametrize("shape", [(24, 64), (64, 24)])
 def test_orthogonalize_moves_every_direction_at_nearly_the_same_rate(shape):
     torch.manual_seed(0)

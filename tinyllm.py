@@ -684,7 +684,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, n_embd: int, dropout: float):
         super().__init__()
-        hidden = 16 * round(8 * n_embd / 3 / 16)
+        hidden = max(16, 16 * round(8 * n_embd / 3 / 16))  # at least 16: a width of 2 would round to 0
         self.up = nn.Linear(n_embd, 2 * hidden, bias=False)  # gate and value in one product
         self.proj = nn.Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
