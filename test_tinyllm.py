@@ -590,6 +590,12 @@ def test_the_smallest_model_trains_and_samples(tmp_path):
     assert summary["steps"] == 3 and math.isfinite(summary["full_val_loss"]) and len(summary["sample"]) == 20
 
 
+def test_float16_on_a_cpu_trains_with_the_gradient_scaler(tmp_path, recwarn):
+    trainer = tinyllm.Trainer(tiny_config(tmp_path, dtype="float16", max_steps=3), PLAY, quiet=True)
+    assert trainer.scaler.is_enabled() and math.isfinite(trainer.train()["full_val_loss"])
+    assert not [w for w in recwarn if "GradScaler" in str(w.message)]  # once: "CUDA is not available"
+
+
 @pytest.mark.parametrize("shape", [(24, 64), (64, 24)])
 def test_orthogonalize_moves_every_direction_at_nearly_the_same_rate(shape):
     torch.manual_seed(0)

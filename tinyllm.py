@@ -1866,7 +1866,7 @@ class Trainer:
         # the plain module, so changing mode or shape never triggers a recompile.
         self.train_model = torch.compile(self.eager_model, dynamic=False) if c.compile else self.eager_model
         self.optimizer = OPTIMIZERS[self.config.optimizer](self.model, self.config, self.device)
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.state = RunState(data_sha256=self.data.sha256)
         self.generator = torch.Generator().manual_seed(c.seed)  # shuffles the batches
         self.clock, self.lr = RunClock(), c.learning_rate  # lr: the latest step's learning rate
