@@ -1093,8 +1093,8 @@ class MetricsLogger:
 
 
 def drop_metrics_after(path: Path, step: int, columns: Sequence[str] = MetricsLogger.COLUMNS) -> None:
-    """Remove the rows of a CSV file of `columns`, the first `step` (metrics.csv, a plug-in's), logged
-    after `step`: a resumed run logs those steps again. Other columns are refused: rows would not fit."""
+    """Remove the rows logged after `step` from a CSV file of `columns`, with a `step` column (metrics.csv,
+    a plug-in's): a resumed run logs those steps again. Other columns are refused: new rows would not fit."""
     if not path.exists():
         return
     try:
