@@ -1258,6 +1258,8 @@ def test_untrusted_files_give_one_line_and_no_huge_allocation(tmp_path):
               r"has format version 2, and this tinyllm .* reads version 1; load it with the tinyllm"),
              (lambda s: s.update(step="two"),
               r"is inconsistent \(step and epoch must be whole numbers and best_val_loss a number, got"),
+             (lambda s: s["tokenizer"].update(chars=["a", "a"]),
+              r"is inconsistent \(its tokenizer is malformed \('chars' must be a list of distinct"),
              (lambda s: s["model"].update({"lm_head.weight": torch.zeros(3, 3)}),
               r"is inconsistent \(.* size mismatch for lm_head.weight: .* torch.Size\(\[3, 3\]\)")]
     for edit, message in edits:

@@ -1187,8 +1187,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         if not all(type(n) is int and n >= 0 for n in counts) or type(best) is not float or math.isnan(best):
             raise TypeError(f"step and epoch must be whole numbers and best_val_loss a number, got "
                             f"{[*counts, best]!r:.80}")
-        config = TrainingConfig.from_checkpoint(state["config"], source=f"checkpoint {path}")
-        tokenizer = Tokenizer.from_state(state["tokenizer"], f"checkpoint {path}")
+        config = TrainingConfig.from_checkpoint(state["config"], source="its config")  # the error names it
+        tokenizer = Tokenizer.from_state(state["tokenizer"], "its tokenizer")
         # Checkpoints written before the token shift or the attention gates existed have neither.
         model = TransformerModel(ModelConfig(**{"token_shift": False, "attention_gate": False,
                                                 **state["model_args"]}))
