@@ -1218,6 +1218,16 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
                       state["best_val_loss"], state.get("training_state"))
 
 
+def resumed_best(path: Path, device: torch.device) -> Optional[Checkpoint]:
+    """A resumed run's best.pt, or None where it is gone; a damaged one is refused, saying what to do."""
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path, device)
+    except TinyLLMError as e:
+        raise TinyLLMError(f"{e}; move it away to resume without it") from None
+
+
 def starting_point(config: TrainingConfig, saved: Optional[Checkpoint], model: Optional[TransformerModel],
                    tokenizer: Optional[Tokenizer]) -> tuple:
     """The config, model and tokenizer to start from: a resumed run's own; a checkpoint's to fine-tune
@@ -1887,16 +1897,12 @@ class Trainer:
         if saved.training_state.get("data_sha256") != self.state.data_sha256:
             raise TinyLLMError(f"the text differs from the one the run in {self.run_dir.path} was trained "
                                "on; pass the same `text` to resume it")
-        best_path = self.run_dir.path / "best.pt"
-        if best_path.is_file():  # first: building its model draws random numbers
-            try:
-                best = load_checkpoint(best_path, self.device)
-            except TinyLLMError as e:
-                raise TinyLLMError(f"{e}; move it away to resume without it") from None
+        best = resumed_best(self.run_dir.path / "best.pt", self.device)  # first: it draws random numbers
+        if best:
             self.best_weights, self.best_step = best.model.state_dict(), best.step
         try:
             self.state = RunState.from_checkpoint(saved, self.device)
-            if self.best_weights is None:  # best.pt is gone: the next validation's weights are the best kept
+            if not best:  # best.pt is gone: the next validation's weights are the best kept
                 self.state.best_val_loss = math.inf
             self.optimizer.load_state_dict(saved.optimizer_state)
             self.scaler.load_state_dict(self.state.scaler)
